@@ -1,0 +1,1 @@
+"""Similarity metrics between feature sets: pure functions on arrays."""
