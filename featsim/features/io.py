@@ -1,0 +1,54 @@
+"""Reading feature matrices saved by featsim or by other tools (``.npy`` / ``.npz``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["load_features"]
+
+
+def load_features(path, *, key: str | None = None) -> np.ndarray:
+    """Loads a feature matrix ``[n, d]`` from a ``.npy`` or ``.npz`` file.
+
+    Args:
+      path: file path. ``.npy`` holds one array; ``.npz`` holds named arrays.
+      key: array name inside an ``.npz``. Default: ``"features"`` if present, else the only
+        array in the file.
+
+    Returns:
+      The array, unchanged (no dtype conversion). Conv maps ``[n, h, w, c]`` are not
+      flattened here; metrics expect ``[n, d]``.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ValueError: unknown suffix, no/ambiguous array in an ``.npz`` (lists the names),
+        a missing ``key``, object arrays, or an array that is not 2-D (names the shape).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.files)
+            if key is None:
+                if "features" in names:
+                    key = "features"
+                elif len(names) == 1:
+                    key = names[0]
+                else:
+                    raise ValueError(
+                        f"{path} holds several arrays {names}; say which one holds the features"
+                    )
+            if key not in names:
+                raise ValueError(f"{path} has no array {key!r}; it holds {names}")
+            array = archive[key]
+    else:
+        raise ValueError(f"{path}: expected a .npy or .npz feature file, got {suffix!r}")
+    if array.ndim != 2:
+        raise ValueError(f"{path}: features must have shape [n, d], got shape {array.shape}")
+    return array

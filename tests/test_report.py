@@ -1,0 +1,77 @@
+"""similarity_report composes the metrics: every field equals the library function's value."""
+
+import json
+
+import numpy as np
+import pytest
+
+from featsim import metrics
+from featsim.cli import main
+from featsim.report import similarity_report
+
+
+@pytest.fixture(scope="module")
+def sets():
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(120, 10)).astype(np.float32),
+            (rng.normal(size=(90, 10)) * 1.2 + 0.3).astype(np.float32))
+
+
+def test_fields_equal_library_values(sets):
+    x, y = sets
+    r = similarity_report(x, y, n_bootstrap=20, n_permutations=20, kid_subset_size=50,
+                          kid_subsets=10, seed=3)
+    s = metrics.distance_summary(x, y)
+    assert r.distance == s.between and r.energy_distance == s.energy and r.ratio == s.ratio
+    assert r.distance_source == metrics.within_distance(x)
+    assert r.distance_cosine == metrics.average_distance(x, y, metric="cosine")
+    assert r.fid == metrics.fid(x, y)
+    k = metrics.kid(x, y, subset_size=50, num_subsets=10, seed=3)
+    assert (r.kid, r.kid_std) == (k.mean, k.std)
+    b = metrics.bootstrap_ci(lambda a, c: metrics.average_distance(a, c), x, y, n_resamples=20,
+                             seed=3, method="basic")
+    assert (r.ci["distance"].low, r.ci["distance"].high) == (b.low, b.high)
+    assert set(r.ci) == {"distance", "ratio", "energy_distance", "fid"}
+    assert 0 < r.energy_pvalue <= 1
+    d = r.to_dict()
+    assert d["distance_ci"] == [b.low, b.high]
+    json.dumps(d)  # JSON-ready
+    table = r.to_table()
+    assert "FID" in table and "basic" in table
+
+
+def test_no_bootstrap_means_no_intervals(sets):
+    x, y = sets
+    r = similarity_report(x, y, kid_subset_size=50, kid_subsets=5)
+    assert r.ci == {} and r.energy_pvalue is None
+    assert "bootstrap" not in r.to_table()
+
+
+def test_cli_metrics_writes_json(tmp_path, sets, capsys):
+    x, y = sets
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "y.npz", features=y)
+    out = tmp_path / "r" / "out.json"
+    rc = main(["metrics", "--source", str(tmp_path / "x.npy"), "--target",
+               str(tmp_path / "y.npz"), "--kid-subset-size", "50", "--kid-subsets", "5",
+               "--bootstrap", "10", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["n_source"] == 120 and data["n_target"] == 90
+    assert data["distance"] == pytest.approx(metrics.average_distance(x, y), rel=1e-12)
+    assert data["source"].endswith("x.npy")
+    assert "D(source, target)" in capsys.readouterr().out
+
+
+def test_cli_errors_exit_nonzero(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((5, 3)))
+    np.save(tmp_path / "y.npy", np.zeros((5, 4)))
+    rc = main(["metrics", "--source", str(tmp_path / "x.npy"), "--target",
+               str(tmp_path / "missing.npy")])
+    assert rc == 2 and "missing.npy" in capsys.readouterr().err
+    rc = main(["metrics", "--source", str(tmp_path / "x.npy"), "--target",
+               str(tmp_path / "y.npy")])
+    assert rc == 2 and "x.shape[1] == 3 while y.shape[1] == 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
