@@ -29,3 +29,12 @@ def test_ruff_is_clean():
         pytest.skip("ruff is not installed (it comes with the [dev] extra)")
     result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_library_example_runs(capsys):
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.+?)\n```", text, re.S)
+    assert blocks, "README.md should show a library example"
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+    assert "D = " in capsys.readouterr().out
