@@ -9,6 +9,8 @@ Claims measured (issue 2):
     compared with featsim's on the same rows.
   * Frechet distance at d = 2048 against the pytorch-fid recipe (``scipy.linalg.sqrtm``).
     Targets: >= 10x faster, relative difference <= 1e-9.
+  * D at n = m = 50,000, d = 2048 (float32) in a fresh process: time and peak memory (an
+    n x m float32 matrix alone would take 9.3 GiB).
   * Streaming (minibatch) CKA over 50,000 x 2048 features fed in batches: peak resident memory
     of a fresh process doing only that. Target: < 2 GiB.
 
@@ -161,9 +163,48 @@ def _cka_worker(n, d, batch, queue):
         state = state.update(xb, yb)
     value = state.compute()
     seconds = time.perf_counter() - t0
-    # ru_maxrss is in KiB on Linux.
-    queue.put({"value": value, "seconds": seconds,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put({"value": value, "seconds": seconds, "peak_rss_mib": _peak_rss_mib()})
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory since exec (VmHWM).
+
+    Not ``ru_maxrss``: Linux keeps that across fork+exec, so a spawned child would report its
+    parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _scale_worker(n, d, queue):
+    rng = np.random.default_rng(3)
+    x = np.abs(rng.normal(1.0, 1.0, size=(n, d))).astype(np.float32)
+    y = np.abs(rng.normal(1.2, 1.1, size=(n, d))).astype(np.float32)
+    inputs = _peak_rss_mib()
+    t0 = time.perf_counter()
+    value = average_distance(x, y)
+    seconds = time.perf_counter() - t0
+    queue.put({"value": value, "seconds_incl_compile": seconds, "peak_rss_mib": _peak_rss_mib(),
+               "peak_rss_mib_before_call": inputs,
+               "n_by_m_float32_matrix_would_be_mib": n * n * 4 / 2**20})
+
+
+def bench_distance_scale(n, d):
+    """D at the issue's scale, n = m = 50,000, d = 2048, in a fresh process (peak memory)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_scale_worker, args=(n, d, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    result.update({"n": n, "m": n, "d": d, "dtype": "float32"})
+    return result
 
 
 def bench_minibatch_cka(n, d, batch):
@@ -182,16 +223,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results/metrics.json")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument("--skip-scale", action="store_true",
+                        help="skip D at n = m = 50,000 (a few minutes on 2 cores)")
     args = parser.parse_args(argv)
 
     if args.quick:
         dist_cfg = dict(n=1000, d=128, repeats=1, cdist_chunk=250, cdist_chunks_timed=1)
         fr_cfg = dict(d=64, n=500, repeats=1)
         cka_cfg = dict(n=2000, d=64, batch=256)
+        scale_cfg = dict(n=3000, d=64)
     else:
         dist_cfg = dict(n=10_000, d=2048, repeats=3, cdist_chunk=250, cdist_chunks_timed=2)
         fr_cfg = dict(d=2048, n=8192, repeats=3)
         cka_cfg = dict(n=50_000, d=2048, batch=256)
+        scale_cfg = dict(n=50_000, d=2048)
 
     results = {
         "featsim_version": featsim.__version__,
@@ -210,6 +255,10 @@ def main(argv=None):
     print("frechet_distance ...", flush=True)
     results["frechet_distance"] = bench_frechet(**fr_cfg)
     print(json.dumps(results["frechet_distance"], indent=1), flush=True)
+    if not args.skip_scale:
+        print("average_distance at full scale ...", flush=True)
+        results["average_distance_scale"] = bench_distance_scale(**scale_cfg)
+        print(json.dumps(results["average_distance_scale"], indent=1), flush=True)
     print("minibatch CKA ...", flush=True)
     results["minibatch_cka"] = bench_minibatch_cka(**cka_cfg)
     print(json.dumps(results["minibatch_cka"], indent=1), flush=True)

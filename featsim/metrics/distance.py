@@ -20,9 +20,11 @@ Numerics policy:
   * ``sqeuclidean`` and ``cosine`` have exact closed forms in O((n + m) d) (means of the rows
     and of their norms); ``cityblock`` is exact in O((n + m) d log(n + m)) by sorting each
     coordinate (mean |a_i - b_j| from prefix sums). None of them forms an n x m matrix.
-  * ``euclidean`` needs every pair: it runs blockwise (``block_size`` x ``block_size`` tiles)
-    in one jit-compiled ``lax.map``/``lax.scan`` over tiles, with a matmul per tile, so memory
-    is O(block_size^2 + (n + m) d). Inputs are first centred on a common float64 mean (the
+  * ``euclidean`` needs every pair: it runs over tiles of ``block_size`` x ``8 * block_size``
+    pairs, a jit-compiled GEMM and a jit-compiled epilogue (sqrt, mask, row sums) per tile, so
+    memory is O(block_size^2 + (n + m) d) and no n x m matrix exists. Within-set sums visit
+    only tiles on or above the diagonal. Inside a caller's jit the same tiles run as one
+    ``lax.map``/``lax.scan``. Inputs are first centred on a common float64 mean (the
     metric is translation invariant), which removes the cancellation of
     ||x||^2 + ||y||^2 - 2 x.y; squared distances are clamped at 0 before ``sqrt``; within-set
     sums drop the diagonal exactly instead of summing sqrt(rounding noise).
@@ -35,7 +37,6 @@ Numerics policy:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 METRICS = ("euclidean", "sqeuclidean", "cosine", "cityblock")
-_DEFAULT_BLOCK = 2048
+_DEFAULT_BLOCK = 1024
 _CITYBLOCK_COLUMNS = 64
 
 
@@ -151,55 +152,94 @@ def _cityblock_sum(x, y, same: bool, columns: int = _CITYBLOCK_COLUMNS):
     return jnp.sum(lax.map(chunk, (xs, ys)))
 
 
-@functools.partial(jax.jit, static_argnames=("block", "same"))
-def _euclidean_sum(x, y, *, block: int, same: bool):
-    """Blockwise sum of ||x_i - y_j||; x, y already centred and in their compute dtype."""
+def _tiles(a, rows: int):
+    """Pads ``a [n, d]`` to whole tiles: tiles [k, rows, d], squared norms [k, rows], validity."""
+    n, d = a.shape
+    k = -(-n // rows)
+    a = jnp.pad(a, ((0, k * rows - n), (0, 0)))
+    sq = jnp.sum(a * a, axis=1)
+    valid = jnp.arange(k * rows) < n
+    return a.reshape(k, rows, d), sq.reshape(k, rows), valid.reshape(k, rows)
+
+
+def _tile_gram(xb, yb):
+    return jnp.matmul(xb, yb.T, precision=lax.Precision.HIGHEST)
+
+
+def _tile_distance_sum(g, xsq, ysq, xv, yv, row0, col0, *, upper: bool):
+    """Sum of ||x_i - y_j|| over the valid pairs of one tile, from its Gram block ``g``.
+
+    ``upper`` (within-set sums) keeps only pairs with global column > global row; the caller
+    doubles the result, so the diagonal counts as exactly 0 and symmetric pairs once each.
+    """
     acc = _acc_dtype()
-    n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    bx, by = min(block, n), min(block, m)
-    nbx, nby = -(-n // bx), -(-m // by)
+    dist = jnp.sqrt(jnp.maximum(xsq[:, None] + ysq[None, :] - 2.0 * g, 0.0))
+    keep = xv[:, None] & yv[None, :]
+    if upper:
+        rows = row0 + jnp.arange(g.shape[0])
+        cols = col0 + jnp.arange(g.shape[1])
+        keep = keep & (cols[None, :] > rows[:, None])
+    row_sums = jnp.sum(jnp.where(keep, dist, 0.0), axis=1)
+    return jnp.sum(row_sums.astype(acc))
 
-    def tiles(a, b, nb):
-        rows = a.shape[0]
-        a = jnp.pad(a, ((0, nb * b - rows), (0, 0)))
-        sq = jnp.sum(a * a, axis=1)
-        valid = (jnp.arange(nb * b) < rows).astype(a.dtype)
-        return a.reshape(nb, b, d), sq.reshape(nb, b), valid.reshape(nb, b)
 
-    xt, xsq, xv = tiles(x, bx, nbx)
-    yt, ysq, yv = tiles(y, by, nby)
+_tile_gram_jit = jax.jit(_tile_gram)
+_tile_distance_sum_jit = jax.jit(_tile_distance_sum, static_argnames="upper")
 
-    def tile_sum(xb, xsqb, xvb, yb, ysqb, yvb, i, j):
-        g = jnp.matmul(xb, yb.T, precision=lax.Precision.HIGHEST)
-        dist = jnp.sqrt(jnp.maximum(xsqb[:, None] + ysqb[None, :] - 2.0 * g, 0.0))
-        dist = dist * yvb[None, :]
-        if same:
-            rows = i * bx + jnp.arange(bx)
-            cols = j * by + jnp.arange(by)
-            dist = jnp.where(rows[:, None] == cols[None, :], 0.0, dist)
-        row_sums = jnp.sum(dist, axis=1).astype(acc)
-        return jnp.sum(row_sums * xvb.astype(acc))
+
+def _tile_shape(n: int, m: int, block: int) -> tuple[int, int]:
+    # Wide tiles: fewer, larger GEMMs; 1024 x 8192 float32 is 32 MiB.
+    return min(block, n), min(8 * block, m)
+
+
+def _euclidean_sum_host(x, y, *, block: int, same: bool):
+    """Host loop over tiles: one jit-compiled GEMM per tile, then a jit-compiled epilogue.
+
+    Keeping the GEMM a call of its own matters on CPU: XLA fuses a matmul with its elementwise
+    consumer into a kernel about 2x slower than the plain GEMM (measured in
+    benchmarks/metrics.py). Calls are dispatched asynchronously, so tiles pipeline; the
+    per-tile sums (accumulation dtype) are added in float64 on the host.
+    """
+    bx, by = _tile_shape(x.shape[0], y.shape[0], block)
+    if same:
+        bx = by = min(bx, by)
+    xt, xsq, xv = _tiles(x, bx)
+    yt, ysq, yv = (xt, xsq, xv) if same else _tiles(y, by)
+    parts = []
+    for i in range(xt.shape[0]):
+        for j in range(yt.shape[0]):
+            if same and j < i:
+                continue  # symmetric: the tile (j, i) holds the same pairs
+            g = _tile_gram_jit(xt[i], yt[j])
+            parts.append(_tile_distance_sum_jit(g, xsq[i], ysq[j], xv[i], yv[j], i * bx,
+                                                j * by, upper=same))
+    total = float(np.sum(np.asarray(jax.device_get(parts), np.float64)))
+    return 2.0 * total if same else total
+
+
+def _euclidean_sum_traced(x, y, *, block: int, same: bool):
+    """The same tiles as one lax.map/lax.scan, for use inside a caller's jit."""
+    acc = _acc_dtype()
+    bx, by = _tile_shape(x.shape[0], y.shape[0], block)
+    if same:
+        bx = by = min(bx, by)
+    xt, xsq, xv = _tiles(x, bx)
+    yt, ysq, yv = _tiles(y, by)
 
     def row_block(args):
         xb, xsqb, xvb, i = args
 
         def col_step(total, args):
             yb, ysqb, yvb, j = args
-            if same:
-                # Symmetric: tiles above the diagonal count twice, below it are skipped.
-                weight = jnp.where(j > i, 2.0, jnp.where(j == i, 1.0, 0.0)).astype(acc)
-                part = lax.cond(
-                    j >= i,
-                    lambda: tile_sum(xb, xsqb, xvb, yb, ysqb, yvb, i, j),
-                    lambda: jnp.zeros((), acc),
-                )
-                return total + weight * part, None
-            return total + tile_sum(xb, xsqb, xvb, yb, ysqb, yvb, i, j), None
+            part = _tile_distance_sum(_tile_gram(xb, yb), xsqb, ysqb, xvb, yvb, i * bx, j * by,
+                                      upper=same)
+            return total + part, None
 
-        total, _ = lax.scan(col_step, jnp.zeros((), acc), (yt, ysq, yv, jnp.arange(nby)))
+        total, _ = lax.scan(col_step, jnp.zeros((), acc), (yt, ysq, yv, jnp.arange(yt.shape[0])))
         return total
 
-    return lax.map(row_block, (xt, xsq, xv, jnp.arange(nbx)))
+    total = jnp.sum(lax.map(row_block, (xt, xsq, xv, jnp.arange(xt.shape[0]))))
+    return 2.0 * total if same else total
 
 
 _CLOSED_FORM_KERNELS = {
@@ -249,10 +289,8 @@ def _pair_sum(x, y, *, metric: str, same: bool, block_size: int):
                 xa.sum(axis=0) + ya.sum(axis=0)) / (xa.shape[0] + ya.shape[0])
             xc = (xa - centre).astype(dtype)
             yc = xc if same else (ya - centre).astype(dtype)
-            sums = _euclidean_sum(xc, yc, block=block_size, same=same)
-            if traced:
-                return jnp.sum(sums)
-            return float(np.sum(np.asarray(sums, np.float64)))
+            kernel = _euclidean_sum_traced if traced else _euclidean_sum_host
+            return kernel(xc, yc, block=block_size, same=same)
         xj = jnp.asarray(x, dtype)
         yj = None if same else jnp.asarray(y, dtype)
         total = _CLOSED_FORM_KERNELS[metric](xj, yj, same)
@@ -285,7 +323,8 @@ def average_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFA
       metric: ``"euclidean"`` (default), ``"sqeuclidean"``, ``"cosine"`` (1 - cosine
         similarity; rows must be non-zero) or ``"cityblock"`` (L1), as in
         ``scipy.spatial.distance.cdist``.
-      block_size: tile edge for the blockwise euclidean kernel (memory O(block_size^2)).
+      block_size: rows per tile of the euclidean kernel; tiles hold block_size x
+        8 * block_size pairs (32 MiB of float32 at the default 1024).
 
     Returns:
       A Python float (a 0-d JAX array inside ``jax.jit``).

@@ -161,14 +161,32 @@ def test_symmetric_and_matches_reference(data, metric):
     np.testing.assert_allclose(dxy, ref, rtol=1e-9, atol=1e-6)
 
 
-def test_no_n_by_m_matrix_is_materialised():
-    # The compiled euclidean kernel's largest buffer is a tile, not n x m.
-    x = np.zeros((1000, 8), np.float32)
-    y = np.ones((900, 8), np.float32)
-    compiled = dist._euclidean_sum.lower(x, y, block=128, same=False).compile()
-    text = compiled.as_text()
+def test_no_n_by_m_matrix_is_materialised(monkeypatch):
+    # Host path: record every Gram tile; none is n x m, all fit block x 8 block.
+    shapes = []
+    real = dist._tile_gram_jit
+
+    def spy(xb, yb):
+        g = real(xb, yb)
+        shapes.append(g.shape)
+        return g
+
+    monkeypatch.setattr(dist, "_tile_gram_jit", spy)
+    x = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
+    y = np.random.default_rng(1).normal(size=(900, 8)).astype(np.float32)
+    got = average_distance(x, y, block_size=64)
+    np.testing.assert_allclose(got, _ref_mean(x, y, "euclidean"), rtol=1e-6)
+    assert shapes and max(a * b for a, b in shapes) <= 64 * 512
+    assert len(shapes) == -(-1000 // 64) * -(-900 // 512)
+    # Within-set sums visit only the tiles on or above the diagonal.
+    shapes.clear()
+    within_distance(x, block_size=100)
+    assert len(shapes) == 10 * 11 // 2
+    # Traced path: the compiled program's largest buffer is a tile, not n x m.
+    f = jax.jit(functools.partial(average_distance, block_size=128))
+    text = f.lower(x, y).compile().as_text()
     assert "f32[1000,900]" not in text and "f32[900,1000]" not in text
-    assert "f32[128,128]" in text
+    assert "f32[128,900]" in text
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,55 @@
+"""Flax backbones that compute what torchvision's ImageNet models compute."""
+
+from featsim.backbones.convert import (
+    KeyMapping,
+    abstract_variables,
+    check_variables,
+    convert_state_dict,
+    torch_module_path,
+)
+from featsim.backbones.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TORCHVISION_IMAGENET,
+    Preprocessing,
+)
+from featsim.backbones.registry import (
+    Backbone,
+    get_backbone,
+    list_backbones,
+    load_pretrained,
+    register_backbone,
+)
+from featsim.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from featsim.backbones.weights import (
+    WeightsSource,
+    find_local_weights,
+    load_state_dict_file,
+    load_variables,
+    save_variables,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TORCHVISION_IMAGENET",
+    "Backbone",
+    "BasicBlock",
+    "Bottleneck",
+    "KeyMapping",
+    "Preprocessing",
+    "ResNet",
+    "WeightsSource",
+    "abstract_variables",
+    "check_variables",
+    "convert_state_dict",
+    "find_local_weights",
+    "get_backbone",
+    "list_backbones",
+    "load_pretrained",
+    "load_state_dict_file",
+    "load_variables",
+    "register_backbone",
+    "save_variables",
+    "torch_module_path",
+]

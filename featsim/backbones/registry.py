@@ -1,0 +1,307 @@
+"""One registry of backbones: name -> (module factory, preprocessing, pretrained weights).
+
+Family modules register their variants at import time (big_vision ``pp/registry.py`` style)::
+
+    register_backbone("resnet50", preprocessing=TORCHVISION_IMAGENET, weights=source)(
+        functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
+    )
+
+and users ask for them by name with :func:`get_backbone`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from featsim.backbones.convert import (
+    KeyMapping,
+    abstract_variables,
+    check_variables,
+    convert_state_dict,
+)
+from featsim.backbones.preprocessing import Preprocessing
+from featsim.backbones.weights import (
+    WeightsSource,
+    find_local_weights,
+    load_state_dict_file,
+    load_variables,
+    search_dirs,
+)
+
+__all__ = [
+    "Backbone",
+    "get_backbone",
+    "list_backbones",
+    "load_pretrained",
+    "register_backbone",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., nn.Module]
+    preprocessing: Preprocessing
+    weights: WeightsSource | None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_backbone(
+    name: str,
+    *,
+    preprocessing: Preprocessing,
+    weights: WeightsSource | None = None,
+):
+    """Registers a module factory under ``name``; usable as a decorator or a function.
+
+    Args:
+        name: the registry key, e.g. ``"resnet50"``.
+        preprocessing: the input recipe the weights were trained with.
+        weights: where pretrained weights come from; None if there are none.
+
+    Returns:
+        A function that registers ``factory`` (a callable taking ``num_classes=`` and module
+        fields as keywords and returning a ``flax.linen.Module``, typically a
+        ``functools.partial`` of the family's class) and returns it unchanged.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+        TypeError: ``preprocessing`` is not a :class:`Preprocessing`.
+    """
+    if not isinstance(preprocessing, Preprocessing):
+        raise TypeError(
+            f"preprocessing must be a Preprocessing, got {type(preprocessing).__name__}"
+        )
+    if name in _REGISTRY:
+        raise ValueError(f"backbone {name!r} is already registered")
+
+    def register(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = _Entry(factory, preprocessing, weights)
+        return factory
+
+    return register
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(_REGISTRY)
+
+
+# eq=False: variables hold arrays, whose == is elementwise.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Backbone:
+    """A registered backbone, ready to use.
+
+    Attributes:
+        name: registry name.
+        module: the Flax module; ``module.apply(variables, x)`` returns
+            ``(logits, features)``.
+        preprocessing: the input recipe for ``x``.
+        weights: where pretrained weights come from (None if none are registered).
+        variables: ``{"params", "batch_stats"}`` when loaded pretrained, else None; random
+            weights come only from an explicit :meth:`init`.
+    """
+
+    name: str
+    module: nn.Module
+    preprocessing: Preprocessing
+    weights: WeightsSource | None = None
+    variables: Any = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """``(1, input_size, input_size, 3)``: the shape used to initialise."""
+        size = self.preprocessing.input_size
+        return (1, size, size, 3)
+
+    def abstract_variables(self):
+        """The variables' shapes and dtypes (``jax.ShapeDtypeStruct`` tree), no compute."""
+        return abstract_variables(self.module, self.input_shape)
+
+    def init(self, rng: jax.Array):
+        """Randomly initialised variables (explicit, never a fallback for pretrained)."""
+        # Under jit: op-by-op init compiles every random draw and conv separately.
+        init = jax.jit(functools.partial(self.module.init, train=False))
+        return init(rng, jnp.zeros(self.input_shape, jnp.float32))
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown backbone {name!r}; registered backbones: {', '.join(list_backbones())}"
+        ) from None
+
+
+def get_backbone(
+    name: str,
+    *,
+    num_classes: int | None = 1000,
+    pretrained: bool = False,
+    weights_path: str | os.PathLike | None = None,
+    **kwargs,
+) -> Backbone:
+    """Builds a registered backbone, with its pretrained variables if asked.
+
+    Args:
+        name: a name from :func:`list_backbones`.
+        num_classes: classifier outputs; ``None`` (or 0) for a headless feature extractor.
+        pretrained: load the registered weights. Never falls back to random weights: a
+            missing file raises. The head is dropped when ``num_classes`` is None; for a new
+            head of another size use :func:`load_pretrained` with ``skip_head=True``.
+        weights_path: the checkpoint to load (``.pth``, ``.safetensors`` or featsim's
+            ``.msgpack``) instead of searching :func:`~featsim.backbones.weights.search_dirs`.
+        **kwargs: further module fields (``dtype``, ``param_dtype``, ``bn_axis_name``, ...).
+
+    Returns:
+        A :class:`Backbone`; ``variables`` is None unless ``pretrained``.
+
+    Raises:
+        KeyError: unknown name (the message lists the registered ones).
+        FileNotFoundError: ``pretrained`` and the weight file is not found locally (the
+            message names the file, where it was looked for and where to get it).
+        ValueError: ``pretrained`` with a head size the checkpoint does not have, or no
+            weights registered; ``weights_path`` without ``pretrained``.
+
+    Example:
+        >>> bb = get_backbone("resnet50", num_classes=None)
+        >>> variables = bb.init(jax.random.key(0))
+        >>> _, feats = bb.module.apply(variables, x)  # x: [N, 224, 224, 3]  # doctest: +SKIP
+    """
+    entry = _entry(name)
+    if weights_path is not None and not pretrained:
+        raise ValueError("weights_path is only used with pretrained=True")
+    backbone = Backbone(
+        name=name,
+        module=entry.factory(num_classes=num_classes, **kwargs),
+        preprocessing=entry.preprocessing,
+        weights=entry.weights,
+    )
+    if not pretrained:
+        return backbone
+    source = entry.weights
+    if num_classes and source is not None and num_classes != source.num_classes:
+        raise ValueError(
+            f"the {name} checkpoint has a {source.num_classes}-class head but num_classes="
+            f"{num_classes}; to fine-tune with a new head use load_pretrained(get_backbone("
+            f"{name!r}, num_classes={num_classes}), skip_head=True, rng=key), or "
+            "num_classes=None for features only"
+        )
+    return load_pretrained(backbone, path=weights_path, skip_head=not num_classes)
+
+
+def _resolve_path(backbone: Backbone, path) -> Path:
+    if path is not None:
+        return Path(path)
+    source = backbone.weights
+    if source is None:
+        raise ValueError(
+            f"no pretrained weights are registered for {backbone.name!r}; pass path= to a "
+            "checkpoint file"
+        )
+    found = find_local_weights(source)
+    if found is None:
+        dirs = ", ".join(str(d) for d in search_dirs())
+        raise FileNotFoundError(
+            f"pretrained weights for {backbone.name!r} need the file {source.filename!r} "
+            f"({source.description}), not found in: {dirs}. Download it from {source.url} "
+            "into $FEATSIM_WEIGHTS_DIR (or pass its path); featsim will not fall back to "
+            "random weights (use pretrained=False and Backbone.init for those)."
+        )
+    return found
+
+
+def _head_leaves(flat: Mapping[tuple[str, ...], Any], head_paths) -> set[tuple[str, ...]]:
+    return {k for k in flat if any(k[1 : 1 + len(h)] == h for h in head_paths)}
+
+
+def _with_initialised(backbone: Backbone, template, keys, rng):
+    """``template`` with the leaves ``keys`` (flattened paths) randomly initialised.
+
+    Only those leaves are computed: jit drops the rest of ``init`` as dead code, which keeps
+    a new head cheap where a full init would compile every random draw of the model.
+    """
+
+    def init_selected(rng, x):
+        flat = traverse_util.flatten_dict(backbone.module.init(rng, x, train=False))
+        return {k: flat[k] for k in keys}
+
+    x = jnp.zeros(backbone.input_shape, jnp.float32)
+    flat = traverse_util.flatten_dict(template)
+    flat.update(jax.jit(init_selected)(rng, x))
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_pretrained(
+    backbone: Backbone,
+    *,
+    path: str | os.PathLike | None = None,
+    skip_head: bool = False,
+    rng: jax.Array | None = None,
+) -> Backbone:
+    """Returns ``backbone`` with its pretrained variables loaded.
+
+    Args:
+        backbone: from :func:`get_backbone` (any ``num_classes``).
+        path: checkpoint file; default: the registered file found by
+            :func:`~featsim.backbones.weights.find_local_weights`.
+        skip_head: load everything except the classifier (fine-tuning with a new head);
+            the new head is initialised from ``rng``.
+        rng: PRNG key for the new head; needed when ``skip_head`` and the module has a head.
+
+    Returns:
+        A copy of ``backbone`` whose ``variables`` are filled (numpy arrays).
+
+    Raises:
+        FileNotFoundError: no file (see :func:`get_backbone`).
+        ValueError: the checkpoint does not match the module (lists the keys), or
+            ``skip_head`` without ``rng`` for a module with a head.
+    """
+    path = _resolve_path(backbone, path)
+    mapping = backbone.weights.key_mapping if backbone.weights else KeyMapping()
+    template = backbone.abstract_variables()
+    head = _head_leaves(traverse_util.flatten_dict(template), mapping.head_paths())
+    if skip_head and head:
+        if rng is None:
+            raise ValueError(
+                f"skip_head=True on {backbone.name!r}, which has a classifier head, needs "
+                "rng= to initialise the new head"
+            )
+        template = _with_initialised(backbone, template, head, rng)
+
+    if path.suffix.lower() == ".msgpack":
+        loaded = traverse_util.flatten_dict(load_variables(path))
+        if skip_head:
+            flat_template = traverse_util.flatten_dict(template)
+            drop = _head_leaves(loaded, mapping.head_paths())
+            loaded = {k: v for k, v in loaded.items() if k not in drop}
+            loaded.update({k: np.asarray(flat_template[k]) for k in head})
+        variables = traverse_util.unflatten_dict(loaded)
+        try:
+            check_variables(variables, template)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    else:
+        state_dict = load_state_dict_file(path)
+        try:
+            variables = convert_state_dict(
+                state_dict, template, mapping=mapping, skip_head=skip_head
+            )
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    return dataclasses.replace(backbone, variables=variables)

@@ -1,0 +1,229 @@
+"""Weight files: reading PyTorch checkpoints, featsim's own format, and finding local copies.
+
+Formats:
+
+* ``.safetensors`` (PyTorch key names) via the ``safetensors`` package;
+* ``.pth`` / ``.pt`` / ``.bin`` (PyTorch key names) via ``torch.load(weights_only=True)``;
+  torch is optional (``pip install featsim[torch]``);
+* ``.msgpack``: featsim's own format, converted Flax variables serialised with
+  ``flax.serialization`` inside a small envelope that names the format and its version.
+
+Nothing is downloaded here (yet): :func:`find_local_weights` only looks in known places.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import serialization
+
+from featsim.backbones.convert import KeyMapping
+
+__all__ = [
+    "FEATSIM_FORMAT",
+    "FEATSIM_FORMAT_VERSION",
+    "WeightsSource",
+    "find_local_weights",
+    "load_state_dict_file",
+    "load_variables",
+    "save_variables",
+    "search_dirs",
+]
+
+FEATSIM_FORMAT = "featsim-flax-variables"
+FEATSIM_FORMAT_VERSION = 1
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSource:
+    """Where a registry entry's pretrained weights come from and how to convert them.
+
+    Attributes:
+        filename: the checkpoint's file name, e.g. ``"resnet50-0676ba61.pth"`` (torchvision
+            names carry the first 8 hex digits of the file's SHA-256).
+        url: where the file can be downloaded.
+        key_mapping: the family's :class:`~featsim.backbones.convert.KeyMapping`.
+        num_classes: size of the checkpoint's classifier head.
+        description: e.g. ``"torchvision IMAGENET1K_V1"``.
+    """
+
+    filename: str
+    url: str
+    key_mapping: KeyMapping
+    num_classes: int = 1000
+    description: str = ""
+
+
+def search_dirs() -> list[Path]:
+    """Directories searched for weight files, in order.
+
+    ``$FEATSIM_WEIGHTS_DIR`` (default ``~/.cache/featsim/weights``), then torch hub's
+    checkpoint cache (``$TORCH_HOME/hub/checkpoints``, default
+    ``~/.cache/torch/hub/checkpoints``), where torchvision stores the same files.
+    """
+    home = Path.home()
+    featsim_dir = os.environ.get("FEATSIM_WEIGHTS_DIR") or home / ".cache" / "featsim" / "weights"
+    torch_home = os.environ.get("TORCH_HOME") or home / ".cache" / "torch"
+    return [Path(featsim_dir), Path(torch_home) / "hub" / "checkpoints"]
+
+
+def find_local_weights(source: WeightsSource) -> Path | None:
+    """The first existing ``<dir>/<source.filename>`` over :func:`search_dirs`, else None."""
+    for directory in search_dirs():
+        candidate = directory / source.filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            "reading PyTorch .pth checkpoints needs torch: pip install 'featsim[torch]' "
+            "(pins the CPU-compatible torch==2.13.0), or convert the file to .safetensors"
+        ) from err
+    return torch
+
+
+def _import_safetensors_numpy():
+    try:
+        from safetensors import numpy as safetensors_numpy
+    except ImportError as err:
+        raise ImportError(
+            "reading .safetensors files needs the safetensors package: pip install safetensors"
+        ) from err
+    return safetensors_numpy
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a PyTorch-key state dict (``.safetensors`` or ``.pth``/``.pt``/``.bin``).
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        ``name -> numpy array`` in the file's order; bfloat16/float16 tensors become float32.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImportError: the reader for this format (torch, safetensors) is not installed.
+        ValueError: unknown suffix, or a ``.pth`` file that is not a flat name -> tensor
+            mapping (e.g. a training checkpoint ``{"model": ..., "optimizer": ...}``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        arrays = _import_safetensors_numpy().load_file(str(path))
+        return {k: _float32_if_half(v) for k, v in arrays.items()}
+    if suffix in _TORCH_SUFFIXES:
+        torch = _import_torch()
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(loaded, Mapping) or not all(
+            isinstance(v, torch.Tensor) for v in loaded.values()
+        ):
+            keys = list(loaded)[:10] if isinstance(loaded, Mapping) else type(loaded).__name__
+            raise ValueError(
+                f"{path} is not a flat state dict (name -> tensor); top level: {keys}. "
+                "Extract the model's state dict (e.g. checkpoint['state_dict']) and save it."
+            )
+        out = {}
+        for name, tensor in loaded.items():
+            tensor = tensor.detach()
+            if tensor.dtype in (torch.bfloat16, torch.float16):
+                tensor = tensor.float()
+            out[name] = tensor.numpy()
+        return out
+    raise ValueError(
+        f"unknown checkpoint suffix {path.suffix!r} for {path}; expected .safetensors, "
+        f"{', '.join(_TORCH_SUFFIXES)} or .msgpack (featsim's format, see load_variables)"
+    )
+
+
+def _float32_if_half(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.float16 or array.dtype.name == "bfloat16":
+        return array.astype(np.float32)
+    return array
+
+
+def save_variables(
+    path: str | os.PathLike,
+    variables,
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Writes Flax variables in featsim's format (msgpack), atomically.
+
+    Args:
+        path: destination, conventionally ``*.msgpack``.
+        variables: ``{"params": ..., "batch_stats": ...}`` of arrays.
+        metadata: string -> string provenance (backbone name, source file, preprocessing).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    metadata = dict(metadata or {})
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
+    if bad or not all(isinstance(k, str) for k in metadata):
+        raise ValueError(f"metadata must map str -> str, got non-str values {bad}")
+    envelope = {
+        "format": FEATSIM_FORMAT,
+        "version": FEATSIM_FORMAT_VERSION,
+        "metadata": metadata,
+        "variables": jax.tree.map(np.asarray, serialization.to_state_dict(variables)),
+    }
+    data = serialization.msgpack_serialize(envelope)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_variables(path: str | os.PathLike, *, with_metadata: bool = False):
+    """Reads variables written by :func:`save_variables`.
+
+    Args:
+        path: a featsim ``.msgpack`` file.
+        with_metadata: also return the metadata dict.
+
+    Returns:
+        The nested dict of numpy arrays, or ``(variables, metadata)``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not in featsim's format (names the file and what it found).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no variables file at {path}")
+    try:
+        envelope = serialization.msgpack_restore(path.read_bytes())
+    except Exception as err:
+        raise ValueError(f"{path} is not a msgpack file written by save_variables") from err
+    if not isinstance(envelope, dict) or envelope.get("format") != FEATSIM_FORMAT:
+        found = envelope.get("format") if isinstance(envelope, dict) else type(envelope).__name__
+        raise ValueError(f"{path} is not a {FEATSIM_FORMAT} file (format field: {found!r})")
+    if envelope.get("version") != FEATSIM_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format version {envelope.get('version')!r}; this featsim reads "
+            f"version {FEATSIM_FORMAT_VERSION}"
+        )
+    variables = envelope["variables"]
+    return (variables, dict(envelope.get("metadata", {}))) if with_metadata else variables

@@ -1,0 +1,24 @@
+"""The benchmark scripts run (in their --quick mode) and write JSON: they must not rot.
+
+No timing is asserted here; the measured claims live in the scripts' JSON output.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_metrics_benchmark_quick(tmp_path):
+    out = tmp_path / "metrics.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "metrics.py"), "--quick",
+                    "--skip-scale", "--out", str(out)], check=True, capture_output=True,
+                   cwd=ROOT, timeout=600)
+    data = json.loads(out.read_text())
+    assert data["quick"] is True
+    dist = data["average_distance"]
+    assert dist["relative_error_vs_float64_reference"] < 1e-6
+    assert data["frechet_distance"]["relative_difference"] < 1e-9
+    assert data["minibatch_cka"]["peak_rss_mib"] > 0
