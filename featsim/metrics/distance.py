@@ -20,7 +20,7 @@ Numerics policy:
   * ``sqeuclidean`` and ``cosine`` have exact closed forms in O((n + m) d) (means of the rows
     and of their norms); ``cityblock`` is exact in O((n + m) d log(n + m)) by sorting each
     coordinate (mean |a_i - b_j| from prefix sums). None of them forms an n x m matrix.
-  * ``euclidean`` needs every pair: it runs over tiles of ``block_size`` x ``8 * block_size``
+  * ``euclidean`` needs every pair: it runs over tiles of ``block_size`` x ``16 * block_size``
     pairs, a jit-compiled GEMM and a jit-compiled epilogue (sqrt, mask, row sums) per tile, so
     memory is O(block_size^2 + (n + m) d) and no n x m matrix exists. Within-set sums visit
     only tiles on or above the diagonal. Inside a caller's jit the same tiles run as one
@@ -152,14 +152,24 @@ def _cityblock_sum(x, y, same: bool, columns: int = _CITYBLOCK_COLUMNS):
     return jnp.sum(lax.map(chunk, (xs, ys)))
 
 
-def _tiles(a, rows: int):
-    """Pads ``a [n, d]`` to whole tiles: tiles [k, rows, d], squared norms [k, rows], validity."""
+def _tiles(a, rows: int, centre=None):
+    """Centres and pads ``a [n, d]`` into tiles [k, rows, d]; squared norms [k, rows]; validity.
+
+    Any common shift leaves euclidean distances unchanged, so ``centre`` only needs to be
+    close to the data mean (it removes the cancellation in ||x||^2 + ||y||^2 - 2 x.y); the
+    subtraction runs in the compute dtype.
+    """
     n, d = a.shape
     k = -(-n // rows)
+    if centre is not None:
+        a = a - centre
     a = jnp.pad(a, ((0, k * rows - n), (0, 0)))
     sq = jnp.sum(a * a, axis=1)
     valid = jnp.arange(k * rows) < n
     return a.reshape(k, rows, d), sq.reshape(k, rows), valid.reshape(k, rows)
+
+
+_tiles_jit = jax.jit(_tiles, static_argnums=1)
 
 
 def _tile_gram(xb, yb):
@@ -187,24 +197,32 @@ _tile_gram_jit = jax.jit(_tile_gram)
 _tile_distance_sum_jit = jax.jit(_tile_distance_sum, static_argnames="upper")
 
 
+def _balanced(total: int, most: int) -> int:
+    """Tile length <= ``most`` that splits ``total`` into equal tiles (little padding)."""
+    tiles = -(-total // most)
+    size = -(-total // tiles)
+    return min(most, -(-size // 8) * 8)  # a multiple of 8 suits the GEMM kernels
+
+
 def _tile_shape(n: int, m: int, block: int) -> tuple[int, int]:
-    # Wide tiles: fewer, larger GEMMs; 1024 x 8192 float32 is 32 MiB.
-    return min(block, n), min(8 * block, m)
+    # Wide tiles: fewer, larger GEMMs (1024 x 16384 float32 is 64 MiB), balanced so that a
+    # set of 20,000 rows is 2 x 10,000 columns, not 2 x 16,384 with 12,768 padding rows.
+    return _balanced(n, block), _balanced(m, 16 * block)
 
 
-def _euclidean_sum_host(x, y, *, block: int, same: bool):
+def _euclidean_sum_host(x, y, centre, *, block: int, same: bool):
     """Host loop over tiles: one jit-compiled GEMM per tile, then a jit-compiled epilogue.
 
     Keeping the GEMM a call of its own matters on CPU: XLA fuses a matmul with its elementwise
-    consumer into a kernel about 2x slower than the plain GEMM (measured in
+    consumer into a kernel about 2x slower than the plain GEMM (measured while writing
     benchmarks/metrics.py). Calls are dispatched asynchronously, so tiles pipeline; the
     per-tile sums (accumulation dtype) are added in float64 on the host.
     """
     bx, by = _tile_shape(x.shape[0], y.shape[0], block)
     if same:
         bx = by = min(bx, by)
-    xt, xsq, xv = _tiles(x, bx)
-    yt, ysq, yv = (xt, xsq, xv) if same else _tiles(y, by)
+    xt, xsq, xv = _tiles_jit(x, bx, centre)
+    yt, ysq, yv = (xt, xsq, xv) if same else _tiles_jit(y, by, centre)
     parts = []
     for i in range(xt.shape[0]):
         for j in range(yt.shape[0]):
@@ -282,15 +300,23 @@ def _pair_sum(x, y, *, metric: str, same: bool, block_size: int):
         dtype = _compute_dtype(x.dtype if same else np.result_type(x.dtype, y.dtype))
         if metric == "euclidean":
             # Centre on a shared mean (in the widest float available) before the tile products.
-            acc = _acc_dtype()
-            xa = jnp.asarray(x, acc)
-            ya = xa if same else jnp.asarray(y, acc)
-            centre = xa.mean(axis=0) if same else (
-                xa.sum(axis=0) + ya.sum(axis=0)) / (xa.shape[0] + ya.shape[0])
-            xc = (xa - centre).astype(dtype)
-            yc = xc if same else (ya - centre).astype(dtype)
-            kernel = _euclidean_sum_traced if traced else _euclidean_sum_host
-            return kernel(xc, yc, block=block_size, same=same)
+            if traced:
+                acc = _acc_dtype()
+                xa = jnp.asarray(x, acc)
+                ya = xa if same else jnp.asarray(y, acc)
+                centre = xa.mean(axis=0) if same else (
+                    xa.sum(axis=0) + ya.sum(axis=0)) / (xa.shape[0] + ya.shape[0])
+                xc = (xa - centre).astype(dtype)
+                yc = xc if same else (ya - centre).astype(dtype)
+                return _euclidean_sum_traced(xc, yc, block=block_size, same=same)
+            total = np.sum(x, axis=0, dtype=np.float64)
+            if not same:
+                total = total + np.sum(y, axis=0, dtype=np.float64)
+            centre = (total / (x.shape[0] + (0 if same else y.shape[0]))).astype(dtype)
+            xj = jnp.asarray(x, dtype)
+            yj = xj if same else jnp.asarray(y, dtype)
+            return _euclidean_sum_host(xj, yj, jnp.asarray(centre), block=block_size,
+                                       same=same)
         xj = jnp.asarray(x, dtype)
         yj = None if same else jnp.asarray(y, dtype)
         total = _CLOSED_FORM_KERNELS[metric](xj, yj, same)
@@ -323,8 +349,8 @@ def average_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFA
       metric: ``"euclidean"`` (default), ``"sqeuclidean"``, ``"cosine"`` (1 - cosine
         similarity; rows must be non-zero) or ``"cityblock"`` (L1), as in
         ``scipy.spatial.distance.cdist``.
-      block_size: rows per tile of the euclidean kernel; tiles hold block_size x
-        8 * block_size pairs (32 MiB of float32 at the default 1024).
+      block_size: rows per tile of the euclidean kernel; tiles hold up to block_size x
+        16 * block_size pairs (64 MiB of float32 at the default 1024).
 
     Returns:
       A Python float (a 0-d JAX array inside ``jax.jit``).
