@@ -33,6 +33,8 @@ from featsim.backbones.convert import (
 from featsim.backbones.preprocessing import Preprocessing
 from featsim.backbones.weights import (
     WeightsSource,
+    cache_dir,
+    download_weights,
     find_local_weights,
     load_state_dict_file,
     load_variables,
@@ -154,6 +156,7 @@ def get_backbone(
     num_classes: int | None = 1000,
     pretrained: bool = False,
     weights_path: str | os.PathLike | None = None,
+    download: bool = True,
     **kwargs,
 ) -> Backbone:
     """Builds a registered backbone, with its pretrained variables if asked.
@@ -166,6 +169,9 @@ def get_backbone(
             head of another size use :func:`load_pretrained` with ``skip_head=True``.
         weights_path: the checkpoint to load (``.pth``, ``.safetensors`` or featsim's
             ``.msgpack``) instead of searching :func:`~featsim.backbones.weights.search_dirs`.
+        download: fetch the registered file into the cache when it is not found locally
+            (the default, as torchvision does); False raises instead. Offline, the error
+            names the file, its URL and the folder to put it in.
         **kwargs: further module fields (``dtype``, ``param_dtype``, ``bn_axis_name``, ...).
 
     Returns:
@@ -202,10 +208,11 @@ def get_backbone(
             f"{name!r}, num_classes={num_classes}), skip_head=True, rng=key), or "
             "num_classes=None for features only"
         )
-    return load_pretrained(backbone, path=weights_path, skip_head=not num_classes)
+    return load_pretrained(backbone, path=weights_path, skip_head=not num_classes,
+                           download=download)
 
 
-def _resolve_path(backbone: Backbone, path) -> Path:
+def _resolve_path(backbone: Backbone, path, download: bool) -> Path:
     if path is not None:
         return Path(path)
     source = backbone.weights
@@ -215,15 +222,17 @@ def _resolve_path(backbone: Backbone, path) -> Path:
             "checkpoint file"
         )
     found = find_local_weights(source)
-    if found is None:
-        dirs = ", ".join(str(d) for d in search_dirs())
-        raise FileNotFoundError(
-            f"pretrained weights for {backbone.name!r} need the file {source.filename!r} "
-            f"({source.description}), not found in: {dirs}. Download it from {source.url} "
-            "into $FEATSIM_WEIGHTS_DIR (or pass its path); featsim will not fall back to "
-            "random weights (use pretrained=False and Backbone.init for those)."
-        )
-    return found
+    if found is not None:
+        return found
+    if download:
+        return download_weights(source)
+    dirs = ", ".join(str(d) for d in search_dirs())
+    raise FileNotFoundError(
+        f"pretrained weights for {backbone.name!r} need the file {source.filename!r} "
+        f"({source.description}), not found in: {dirs}. Download it from {source.url} "
+        f"into {cache_dir()} (or pass its path); featsim will not fall back to random "
+        "weights (use pretrained=False and Backbone.init for those)."
+    )
 
 
 def _head_leaves(flat: Mapping[tuple[str, ...], Any], head_paths) -> set[tuple[str, ...]]:
@@ -253,6 +262,7 @@ def load_pretrained(
     path: str | os.PathLike | None = None,
     skip_head: bool = False,
     rng: jax.Array | None = None,
+    download: bool = True,
 ) -> Backbone:
     """Returns ``backbone`` with its pretrained variables loaded.
 
@@ -263,6 +273,8 @@ def load_pretrained(
         skip_head: load everything except the classifier (fine-tuning with a new head);
             the new head is initialised from ``rng``.
         rng: PRNG key for the new head; needed when ``skip_head`` and the module has a head.
+        download: when the registered file is not found locally, download it from its
+            official location into the cache (SHA-256 checked). False: raise instead.
 
     Returns:
         A copy of ``backbone`` whose ``variables`` are filled (numpy arrays).
@@ -272,7 +284,7 @@ def load_pretrained(
         ValueError: the checkpoint does not match the module (lists the keys), or
             ``skip_head`` without ``rng`` for a module with a head.
     """
-    path = _resolve_path(backbone, path)
+    path = _resolve_path(backbone, path, download)
     mapping = backbone.weights.key_mapping if backbone.weights else KeyMapping()
     template = backbone.abstract_variables()
     head = _head_leaves(traverse_util.flatten_dict(template), mapping.head_paths())

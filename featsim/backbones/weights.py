@@ -8,14 +8,20 @@ Formats:
 * ``.msgpack``: featsim's own format, converted Flax variables serialised with
   ``flax.serialization`` inside a small envelope that names the format and its version.
 
-Nothing is downloaded here (yet): :func:`find_local_weights` only looks in known places.
+:func:`find_local_weights` looks in known places; :func:`download_weights` fetches a registered
+file from its official location into the cache (``$FEATSIM_WEIGHTS_DIR``, default
+``~/.cache/featsim/weights``), checking its SHA-256, and writes it atomically.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,6 +35,8 @@ __all__ = [
     "FEATSIM_FORMAT",
     "FEATSIM_FORMAT_VERSION",
     "WeightsSource",
+    "cache_dir",
+    "download_weights",
     "find_local_weights",
     "load_state_dict_file",
     "load_variables",
@@ -52,6 +60,9 @@ class WeightsSource:
         key_mapping: the family's :class:`~featsim.backbones.convert.KeyMapping`.
         num_classes: size of the checkpoint's classifier head.
         description: e.g. ``"torchvision IMAGENET1K_V1"``.
+        sha256: the file's full SHA-256 hex digest, if known. Without it, a torchvision-style
+            name ``<stem>-<hex>.<ext>`` is checked against that hex prefix, as ``torch.hub``
+            does.
     """
 
     filename: str
@@ -59,6 +70,19 @@ class WeightsSource:
     key_mapping: KeyMapping
     num_classes: int = 1000
     description: str = ""
+    sha256: str | None = None
+
+    def expected_digest_prefix(self) -> str | None:
+        """The full SHA-256, else the hex prefix in the file name, else None."""
+        if self.sha256:
+            return self.sha256.lower()
+        match = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$", self.filename)
+        return match.group(1) if match else None
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights go: ``$FEATSIM_WEIGHTS_DIR``, default ~/.cache/featsim/weights."""
+    return search_dirs()[0]
 
 
 def search_dirs() -> list[Path]:
@@ -81,6 +105,70 @@ def find_local_weights(source: WeightsSource) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def download_weights(
+    source: WeightsSource, *, directory: str | os.PathLike | None = None, timeout: float = 60.0
+) -> Path:
+    """Downloads ``source.url`` to ``<directory>/<source.filename>`` and checks its SHA-256.
+
+    The file is streamed to a temporary name beside the destination and renamed into place
+    only after the digest matched, so an interrupted or corrupt download never looks like a
+    cached file.
+
+    Args:
+        source: the registered weights.
+        directory: destination folder; default :func:`cache_dir`.
+        timeout: socket timeout in seconds.
+
+    Returns:
+        The path of the verified file.
+
+    Raises:
+        FileNotFoundError: the download failed (offline, HTTP error): the message names the
+            file, the URL and the folder to put it in by hand.
+        ValueError: the downloaded file's SHA-256 does not match (the file is discarded).
+    """
+    directory = Path(directory) if directory is not None else cache_dir()
+    destination = directory / source.filename
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=source.filename, suffix=".part")
+    digest = hashlib.sha256()
+    try:
+        try:
+            with urllib.request.urlopen(source.url, timeout=timeout) as response, os.fdopen(
+                fd, "wb"
+            ) as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with _progress(total, source.filename) as bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError) as err:
+            raise FileNotFoundError(
+                f"could not download {source.filename!r} ({source.description}) from "
+                f"{source.url}: {err}. Offline? Fetch that file by hand and put it in "
+                f"{directory} (or set $FEATSIM_WEIGHTS_DIR, or pass its path)."
+            ) from err
+        expected = source.expected_digest_prefix()
+        got = digest.hexdigest()
+        if expected is not None and not got.startswith(expected):
+            raise ValueError(
+                f"SHA-256 of the file downloaded from {source.url} is {got}, expected "
+                f"{expected}...; the file was discarded"
+            )
+        os.replace(tmp, destination)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return destination
+
+
+def _progress(total, name):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}",
+                disable=None)
 
 
 def _import_torch():

@@ -79,14 +79,19 @@ def test_register_backbone(isolated_registry):
         register_backbone("other", preprocessing={"input_size": 224})
 
 
-def test_pretrained_without_file_raises_never_random(no_local_weights):
+@pytest.mark.parametrize("download", [False, True])
+def test_pretrained_without_file_raises_never_random(no_local_weights, download):
+    # download=True: the download fails (tests have no network, as offline users) and the
+    # error still says which file to fetch, from where, and where to put it.
     with pytest.raises(FileNotFoundError) as err:
-        get_backbone("resnet18", pretrained=True)
+        get_backbone("resnet18", pretrained=True, download=download)
     message = str(err.value)
     assert "resnet18-f37072fd.pth" in message
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
     assert str(no_local_weights) in message
-    assert "not fall back to random" in message
+    if not download:
+        assert "not fall back to random" in message
+    assert not list(no_local_weights.glob("*.part"))  # no partial file left behind
 
 
 def test_pretrained_without_registered_weights(isolated_registry):

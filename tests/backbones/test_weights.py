@@ -1,5 +1,7 @@
 """Weight files: featsim's msgpack format, .safetensors and .pth readers, local lookup."""
 
+import dataclasses
+import hashlib
 import sys
 
 import numpy as np
@@ -14,7 +16,7 @@ from featsim.backbones import (
     load_variables,
     save_variables,
 )
-from featsim.backbones.weights import search_dirs
+from featsim.backbones.weights import cache_dir, download_weights, search_dirs
 
 VARIABLES = {
     "params": {"conv1": {"kernel": np.arange(24, dtype=np.float32).reshape(2, 2, 2, 3)}},
@@ -110,3 +112,44 @@ def test_find_local_weights(tmp_path, monkeypatch):
     featsim_dir.mkdir()
     (featsim_dir / "r-123.pth").write_bytes(b"")
     assert find_local_weights(source) == featsim_dir / "r-123.pth"  # featsim's dir first
+
+
+def _served(tmp_path, payload: bytes, name: str):
+    """A WeightsSource whose 'official location' is a local file:// URL."""
+    served = tmp_path / "server" / name
+    served.parent.mkdir(parents=True, exist_ok=True)
+    served.write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    return WeightsSource(filename=name, url=served.as_uri(), key_mapping=KeyMapping()), digest
+
+
+def test_download_verifies_sha256_prefix_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATSIM_WEIGHTS_DIR", str(tmp_path / "cache"))
+    payload = b"not really a checkpoint" * 1000
+    digest = hashlib.sha256(payload).hexdigest()
+    source, _ = _served(tmp_path, payload, f"tiny-{digest[:10]}.pth")
+    path = download_weights(source)
+    assert path == cache_dir() / source.filename and path.read_bytes() == payload
+    assert find_local_weights(source) == path
+
+
+def test_download_rejects_wrong_digest(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATSIM_WEIGHTS_DIR", str(tmp_path / "cache"))
+    source, digest = _served(tmp_path, b"payload", "tiny.pth")
+    bad = dataclasses.replace(source, sha256="0" * 64)
+    with pytest.raises(ValueError, match=r"SHA-256 .* expected 0000"):
+        download_weights(bad)
+    assert not any((tmp_path / "cache").iterdir())  # nothing cached, no partial file
+    good = dataclasses.replace(source, sha256=digest)
+    assert download_weights(good).read_bytes() == b"payload"
+
+
+def test_download_offline_names_file_url_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATSIM_WEIGHTS_DIR", str(tmp_path / "cache"))
+    source = WeightsSource(filename="x-12345678.pth", url="https://example.invalid/x.pth",
+                           key_mapping=KeyMapping())
+    with pytest.raises(FileNotFoundError) as err:
+        download_weights(source)
+    message = str(err.value)
+    assert "x-12345678.pth" in message and "https://example.invalid/x.pth" in message
+    assert str(tmp_path / "cache") in message
