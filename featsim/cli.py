@@ -34,6 +34,33 @@ def _metrics_command(args) -> int:
     return 0
 
 
+def _backbones_command(args) -> int:
+    from featsim.backbones import find_local_weights, get_backbone, list_backbones
+
+    for name in list_backbones():
+        bb = get_backbone(name)
+        p = bb.preprocessing
+        print(f"{name}")
+        print(f"  input {p.input_size} (resize {p.resize_size}, crop {p.crop}, "
+              f"{p.interpolation}), scaling {p.scaling}")
+        if bb.weights is None:
+            print("  weights: none registered")
+            continue
+        local = find_local_weights(bb.weights)
+        where = f"cached at {local}" if local else f"from {bb.weights.url}"
+        print(f"  weights: {bb.weights.description} {bb.weights.filename}, {where}")
+    return 0
+
+
+def _convert_weights_command(args) -> int:
+    from featsim.backbones import convert_weights_file
+
+    out = convert_weights_file(args.source, args.destination, backbone=args.backbone,
+                               num_classes=args.num_classes)
+    print(f"wrote {out} ({args.backbone})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from featsim.metrics import METRICS
 
@@ -66,6 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
     m.set_defaults(func=_metrics_command)
+
+    b = sub.add_parser("backbones", help="list registered backbones, preprocessing, weights",
+                       description="Lists every registered backbone with its preprocessing "
+                                   "and where its pretrained weights come from.")
+    b.set_defaults(func=_backbones_command)
+
+    c = sub.add_parser(
+        "convert-weights", help="convert a .pth checkpoint to .safetensors/.msgpack once",
+        description="Loads a PyTorch checkpoint into the named backbone (checking every key "
+                    "and shape) and writes it as .safetensors (PyTorch key names, no pickle) "
+                    "or .msgpack (featsim's converted Flax variables), so that later runs "
+                    "need no torch.")
+    c.add_argument("source", type=Path, help="IN.pth (needs the [torch] extra) or .safetensors")
+    c.add_argument("destination", type=Path, help="OUT.safetensors or OUT.msgpack")
+    c.add_argument("--backbone", required=True, help="registry name, see `featsim backbones`")
+    c.add_argument("--num-classes", type=int, default=None,
+                   help="head size of the checkpoint (default: the registered one, 1000)")
+    c.set_defaults(func=_convert_weights_command)
     return parser
 
 
@@ -73,7 +118,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as err:
         print(f"featsim {args.command}: error: {err}", file=sys.stderr)
         return 2
 

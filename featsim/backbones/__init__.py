@@ -15,6 +15,7 @@ from featsim.backbones.preprocessing import (
 )
 from featsim.backbones.registry import (
     Backbone,
+    convert_weights_file,
     get_backbone,
     list_backbones,
     load_pretrained,
@@ -23,6 +24,8 @@ from featsim.backbones.registry import (
 from featsim.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from featsim.backbones.weights import (
     WeightsSource,
+    cache_dir,
+    download_weights,
     find_local_weights,
     load_state_dict_file,
     load_variables,
@@ -41,8 +44,11 @@ __all__ = [
     "ResNet",
     "WeightsSource",
     "abstract_variables",
+    "cache_dir",
     "check_variables",
     "convert_state_dict",
+    "convert_weights_file",
+    "download_weights",
     "find_local_weights",
     "get_backbone",
     "list_backbones",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,11 +39,14 @@ from featsim.backbones.weights import (
     find_local_weights,
     load_state_dict_file,
     load_variables,
+    save_state_dict_safetensors,
+    save_variables,
     search_dirs,
 )
 
 __all__ = [
     "Backbone",
+    "convert_weights_file",
     "get_backbone",
     "list_backbones",
     "load_pretrained",
@@ -317,3 +321,56 @@ def load_pretrained(
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     return dataclasses.replace(backbone, variables=variables)
+
+
+def convert_weights_file(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    backbone: str,
+    num_classes: int | None = None,
+) -> Path:
+    """Converts a PyTorch checkpoint once, so that loading it never needs torch again.
+
+    The checkpoint is first loaded into the named backbone (every key consumed, every shape
+    checked), so a file for the wrong architecture fails here rather than later.
+
+    Args:
+        source: ``.pth``/``.pt``/``.bin`` (needs torch) or ``.safetensors`` with the family's
+            PyTorch key names.
+        destination: ``.safetensors`` (the same PyTorch-key tensors; loadable by featsim,
+            torchvision and timm without pickle) or ``.msgpack`` (featsim's converted Flax
+            variables, with provenance metadata).
+        backbone: registry name the checkpoint belongs to.
+        num_classes: the checkpoint's head size; default the registered one (1000). A
+            fine-tuned checkpoint with another head needs it (e.g. 2 or 1).
+
+    Returns:
+        The destination path.
+
+    Raises:
+        KeyError: unknown backbone. ValueError: the checkpoint does not fit the backbone
+        (lists the keys/shapes), or an unknown destination suffix.
+    """
+    source, destination = Path(source), Path(destination)
+    suffix = destination.suffix.lower()
+    if suffix not in (".safetensors", ".msgpack"):
+        raise ValueError(
+            f"destination must end in .safetensors or .msgpack, got {destination.name!r}"
+        )
+    entry = _entry(backbone)
+    if num_classes is None:
+        num_classes = entry.weights.num_classes if entry.weights else 1000
+    loaded = load_pretrained(
+        get_backbone(backbone, num_classes=num_classes), path=source, download=False
+    )
+    metadata = {
+        "backbone": backbone,
+        "num_classes": str(num_classes),
+        "converted_from": source.name,
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+    }
+    if suffix == ".msgpack":
+        return save_variables(destination, loaded.variables, metadata=metadata)
+    state_dict = {k: np.ascontiguousarray(v) for k, v in load_state_dict_file(source).items()}
+    return save_state_dict_safetensors(destination, state_dict, metadata=metadata)

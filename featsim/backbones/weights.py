@@ -40,6 +40,7 @@ __all__ = [
     "find_local_weights",
     "load_state_dict_file",
     "load_variables",
+    "save_state_dict_safetensors",
     "save_variables",
     "search_dirs",
 ]
@@ -236,6 +237,28 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         f"unknown checkpoint suffix {path.suffix!r} for {path}; expected .safetensors, "
         f"{', '.join(_TORCH_SUFFIXES)} or .msgpack (featsim's format, see load_variables)"
     )
+
+
+def save_state_dict_safetensors(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Writes a PyTorch-key state dict as ``.safetensors`` (no pickle, no torch), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        _import_safetensors_numpy().save_file(
+            {k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp,
+            metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _float32_if_half(array: np.ndarray) -> np.ndarray:
