@@ -33,7 +33,7 @@ def test_ruff_is_clean():
 
 def test_readme_library_example_runs(capsys):
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.+?)\n```", text, re.S)
+    blocks = re.findall(r"<!-- runnable[^>]*-->\s*```python\n(.+?)\n```", text, re.S)
     assert blocks, "README.md should show a library example"
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {})
