@@ -7,6 +7,7 @@ from featsim.backbones.convert import (
     convert_state_dict,
     torch_module_path,
 )
+from featsim.backbones.inception import Inception3
 from featsim.backbones.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -39,6 +40,7 @@ __all__ = [
     "Backbone",
     "BasicBlock",
     "Bottleneck",
+    "Inception3",
     "KeyMapping",
     "Preprocessing",
     "ResNet",
