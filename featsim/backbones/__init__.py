@@ -7,6 +7,7 @@ from featsim.backbones.convert import (
     convert_state_dict,
     torch_module_path,
 )
+from featsim.backbones.densenet import DenseNet
 from featsim.backbones.inception import Inception3
 from featsim.backbones.preprocessing import (
     IMAGENET_MEAN,
@@ -23,6 +24,7 @@ from featsim.backbones.registry import (
     register_backbone,
 )
 from featsim.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from featsim.backbones.vgg import VGG, adaptive_avg_pool
 from featsim.backbones.weights import (
     WeightsSource,
     cache_dir,
@@ -37,15 +39,18 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "TORCHVISION_IMAGENET",
+    "VGG",
     "Backbone",
     "BasicBlock",
     "Bottleneck",
+    "DenseNet",
     "Inception3",
     "KeyMapping",
     "Preprocessing",
     "ResNet",
     "WeightsSource",
     "abstract_variables",
+    "adaptive_avg_pool",
     "cache_dir",
     "check_variables",
     "convert_state_dict",
