@@ -8,6 +8,7 @@ from featsim.backbones.convert import (
     torch_module_path,
 )
 from featsim.backbones.densenet import DenseNet
+from featsim.backbones.efficientnet import EfficientNetLite
 from featsim.backbones.inception import Inception3
 from featsim.backbones.preprocessing import (
     IMAGENET_MEAN,
@@ -32,6 +33,7 @@ from featsim.backbones.weights import (
     find_local_weights,
     load_state_dict_file,
     load_variables,
+    package_file,
     save_variables,
 )
 
@@ -44,6 +46,7 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "DenseNet",
+    "EfficientNetLite",
     "Inception3",
     "KeyMapping",
     "Preprocessing",
@@ -62,6 +65,7 @@ __all__ = [
     "load_pretrained",
     "load_state_dict_file",
     "load_variables",
+    "package_file",
     "register_backbone",
     "save_variables",
     "torch_module_path",

