@@ -10,6 +10,7 @@ from featsim.backbones.convert import (
 from featsim.backbones.densenet import DenseNet
 from featsim.backbones.efficientnet import EfficientNetLite
 from featsim.backbones.inception import Inception3
+from featsim.backbones.mobilenet import MobileNetV1, MobileNetV2
 from featsim.backbones.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,6 +26,8 @@ from featsim.backbones.registry import (
     register_backbone,
 )
 from featsim.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from featsim.backbones.shufflenet import ShuffleNetV2
+from featsim.backbones.tfjs import load_tfjs_mobilenet_v1, load_tfjs_weights
 from featsim.backbones.vgg import VGG, adaptive_avg_pool
 from featsim.backbones.weights import (
     WeightsSource,
@@ -49,8 +52,11 @@ __all__ = [
     "EfficientNetLite",
     "Inception3",
     "KeyMapping",
+    "MobileNetV1",
+    "MobileNetV2",
     "Preprocessing",
     "ResNet",
+    "ShuffleNetV2",
     "WeightsSource",
     "abstract_variables",
     "adaptive_avg_pool",
@@ -64,6 +70,8 @@ __all__ = [
     "list_backbones",
     "load_pretrained",
     "load_state_dict_file",
+    "load_tfjs_mobilenet_v1",
+    "load_tfjs_weights",
     "load_variables",
     "package_file",
     "register_backbone",

@@ -31,10 +31,10 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from featsim.backbones import layers
 from featsim.backbones.convert import KeyMapping, torch_module_path
+from featsim.backbones.layers import tf_same_padding
 from featsim.backbones.preprocessing import Preprocessing
 from featsim.backbones.registry import register_backbone
 from featsim.backbones.weights import WeightsSource
@@ -47,14 +47,12 @@ __all__ = [
     "LITE0_WEIGHTS_FILENAME",
     "LITE_STAGES",
     "LUKEMELAS_KEYS",
-    "DepthwiseConv",
     "EfficientNetLite",
     "MBConvBlock",
     "Stage",
     "drop_connect",
     "efficientnet_lite0",
     "lukemelas_module_path",
-    "tf_same_padding",
 ]
 
 Dtype = Any
@@ -102,33 +100,6 @@ def lukemelas_module_path(prefix: str) -> tuple[str, ...]:
 LUKEMELAS_KEYS = KeyMapping(module_path=lukemelas_module_path, head=("_fc",))
 
 
-def tf_same_padding(
-    size: int, kernel_size: int, stride: int = 1, dilation: int = 1
-) -> tuple[int, int]:
-    """TensorFlow ``"SAME"`` padding ``(before, after)`` along one spatial axis.
-
-    The output has ``ceil(size / stride)`` positions; the total padding that needs is split
-    with the odd pixel *after* (bottom/right), as ``tf.nn.conv2d`` and lukemelas'
-    ``Conv2dDynamicSamePadding`` do. PyTorch's symmetric ``padding=k // 2`` differs whenever
-    the total is odd, e.g. every stride-2 3x3 conv on an even input: ``(0, 1)`` vs ``(1, 1)``.
-
-    Args:
-        size: input length along the axis.
-        kernel_size, stride, dilation: the conv's, along that axis.
-
-    Returns:
-        ``(before, after)`` padding.
-    """
-    if min(size, kernel_size, stride, dilation) < 1:
-        raise ValueError(
-            f"size, kernel_size, stride and dilation must be >= 1, got size={size}, "
-            f"kernel_size={kernel_size}, stride={stride}, dilation={dilation}"
-        )
-    out = -(-size // stride)
-    total = max((out - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
 def _same_conv(
     x,
     features: int,
@@ -154,51 +125,6 @@ def _same_conv(
         kernel_init=layers.kaiming_normal_fan_out,
         name=name,
     )(x)
-
-
-class DepthwiseConv(nn.Module):
-    """A depthwise conv (one ``k x k`` filter per channel, no bias) with TF "SAME" padding.
-
-    Computed as ``k * k`` shifted, strided multiply-adds, which XLA fuses into one loop: on
-    CPU that ran 5-15x faster than XLA's grouped conv (``feature_group_count == channels``)
-    on EfficientNet's layer shapes, where depthwise convs take most of the time. The result
-    equals the grouped conv up to float rounding; 16-bit inputs are accumulated in float32,
-    as convs accumulate.
-
-    Attributes:
-        kernel_size, stride: square kernel and stride.
-        dtype, param_dtype: computation and parameter dtypes.
-        kernel_init: for ``params/kernel`` of shape ``[k, k, 1, C]`` (``flax.linen.Conv``'s
-            depthwise layout, so PyTorch ``[C, 1, k, k]`` weights convert as any conv's).
-    """
-
-    kernel_size: int
-    stride: int = 1
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Any = layers.kaiming_normal_fan_out
-
-    @nn.compact
-    def __call__(self, x):
-        n, h, w, c = x.shape
-        k, s = self.kernel_size, self.stride
-        kernel = self.param("kernel", self.kernel_init, (k, k, 1, c), self.param_dtype)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        pads = [tf_same_padding(size, k, s) for size in (h, w)]
-        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-        oh, ow = -(-h // s), -(-w // s)
-        acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-        out = jnp.zeros((n, oh, ow, c), acc_dtype)
-        for i in range(k):
-            for j in range(k):
-                window = lax.slice(
-                    x,
-                    (0, i, j, 0),
-                    (n, i + (oh - 1) * s + 1, j + (ow - 1) * s + 1, c),
-                    (1, s, s, 1),
-                )
-                out = out + (window * kernel[i, j, 0]).astype(acc_dtype)
-        return out.astype(x.dtype)
 
 
 def drop_connect(x, rate: float, rng: jax.Array):
@@ -271,9 +197,10 @@ class MBConvBlock(nn.Module):
         if self.expand_ratio != 1:
             x = conv(x, hidden, 1, name="expand_conv")
             x = nn.relu6(norm(name="bn0")(x))
-        x = DepthwiseConv(
-            kernel_size=self.kernel_size,
+        x = layers.depthwise_conv2d(
+            self.kernel_size,
             stride=self.stride,
+            padding=tuple(tf_same_padding(n, self.kernel_size, self.stride) for n in x.shape[1:3]),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="depthwise_conv",

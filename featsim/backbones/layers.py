@@ -26,14 +26,17 @@ from jax import lax
 
 __all__ = [
     "BatchNorm",
+    "DepthwiseConv",
     "avg_pool",
     "batch_norm",
     "conv2d",
+    "depthwise_conv2d",
     "flax_momentum",
     "global_avg_pool",
     "kaiming_normal_fan_out",
     "max_pool",
     "pool_output_size",
+    "tf_same_padding",
     "torch_linear",
 ]
 
@@ -357,3 +360,112 @@ def global_avg_pool(x):
     if x.ndim != 4:
         raise ValueError(f"global_avg_pool expects NHWC input of rank 4, got shape {x.shape}")
     return jnp.mean(x, axis=(1, 2))
+
+
+def tf_same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow's ``padding="SAME"`` along one axis: ``(before, after)``.
+
+    The output has ``ceil(size / stride)`` positions; the padding that needs is split with the
+    odd pixel *after* (bottom/right). E.g. ``tf_same_padding(224, 3, 2) == (0, 1)`` where
+    PyTorch's ``padding=1`` gives ``(1, 1)``.
+    """
+    if size < 1 or kernel_size < 1 or stride < 1 or dilation < 1:
+        raise ValueError(
+            f"size, kernel_size, stride and dilation must be >= 1, got size={size}, "
+            f"kernel_size={kernel_size}, stride={stride}, dilation={dilation}"
+        )
+    out = -(-size // stride)
+    effective = (kernel_size - 1) * dilation + 1
+    total = max((out - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise conv (one ``kh x kw`` filter per channel) as ``kh * kw`` shifted multiply-adds.
+
+    Same variables and result as ``flax.linen.Conv(C, feature_group_count=C)`` (kernel
+    ``[kh, kw, 1, C]``, optional bias ``[C]``; a PyTorch ``[C, 1, kh, kw]`` weight maps onto it
+    with the usual OIHW -> HWIO transpose), up to float rounding. XLA:CPU lowers grouped
+    convolutions to a slow generic loop: a 3x3 depthwise conv on ``[100, 112, 112, 16]`` took
+    3.4 s there against 0.23 s for this form (jax 0.10, 2 cores); on accelerators XLA fuses the
+    shifted products into one elementwise kernel. Products and sums are float32 whatever
+    ``dtype`` is, so ``precision`` has nothing to choose.
+
+    Attributes:
+        kernel_size: ``(kh, kw)``.
+        strides: ``(sh, sw)``.
+        padding: explicit ``((top, bottom), (left, right))`` zero padding.
+        use_bias: add a per-channel bias.
+        dtype: output dtype.
+        param_dtype: kernel and bias dtype.
+        kernel_init, bias_init: initialisers (the kernel's fan-in is ``kh * kw``).
+    """
+
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = kaiming_normal_fan_out
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"DepthwiseConv expects NHWC input of rank 4, got shape {x.shape}")
+        (kh, kw), (sh, sw) = self.kernel_size, self.strides
+        n, h, w, c = x.shape
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, 1, c), self.param_dtype)
+        (top, bottom), (left, right) = self.padding
+        oh = (h + top + bottom - kh) // sh + 1
+        ow = (w + left + right - kw) // sw + 1
+        if oh < 1 or ow < 1:
+            raise ValueError(
+                f"input of spatial size {(h, w)} is too small for kernel {self.kernel_size} "
+                f"with padding {self.padding}"
+            )
+        xp = jnp.pad(jnp.asarray(x, jnp.float32), ((0, 0), (top, bottom), (left, right), (0, 0)))
+        kernel = jnp.asarray(kernel, jnp.float32)
+        y = None
+        for i in range(kh):
+            for j in range(kw):
+                window = lax.slice(
+                    xp,
+                    (0, i, j, 0),
+                    (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c),
+                    (1, sh, sw, 1),
+                )
+                term = window * kernel[i, j, 0]
+                y = term if y is None else y + term
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+            y = y + jnp.asarray(bias, jnp.float32)
+        return jnp.asarray(y, self.dtype)
+
+
+def depthwise_conv2d(
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int | tuple[tuple[int, int], tuple[int, int]] = 0,
+    use_bias: bool = False,
+    name: str | None = None,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Callable = kaiming_normal_fan_out,
+) -> DepthwiseConv:
+    """A ``torch.nn.Conv2d(C, C, k, stride, padding, groups=C)`` equivalent (see
+    :class:`DepthwiseConv`); ``padding`` is PyTorch's symmetric int or explicit pairs."""
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return DepthwiseConv(
+        kernel_size=(kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=kernel_init,
+        name=name,
+    )

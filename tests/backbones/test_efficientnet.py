@@ -21,6 +21,7 @@ from jax import lax
 
 import featsim.backbones.efficientnet as effnet
 from featsim.backbones import convert_state_dict, get_backbone, load_pretrained
+from featsim.backbones.layers import depthwise_conv2d, tf_same_padding
 from featsim.backbones.weights import package_file
 
 from ._helpers import rel_err
@@ -86,17 +87,17 @@ def test_tf_same_padding_matches_xla_same(kernel, stride):
     # XLA's "SAME" is TensorFlow's: ceil(size / stride) outputs, the odd pixel after.
     for size in range(1, 40):
         want = lax.padtype_to_pads((size,), (kernel,), (stride,), "SAME")[0]
-        assert effnet.tf_same_padding(size, kernel, stride) == tuple(want), size
+        assert tf_same_padding(size, kernel, stride) == tuple(want), size
 
 
 def test_tf_same_padding_is_not_pytorch_padding():
-    assert effnet.tf_same_padding(224, 3, 2) == (0, 1)  # PyTorch's padding=1 is (1, 1)
-    assert effnet.tf_same_padding(193, 3, 2) == (1, 1)
-    assert effnet.tf_same_padding(112, 5, 2) == (1, 2)
-    assert effnet.tf_same_padding(14, 5, 1) == (2, 2)
-    assert effnet.tf_same_padding(7, 1, 1) == (0, 0)
+    assert tf_same_padding(224, 3, 2) == (0, 1)  # PyTorch's padding=1 is (1, 1)
+    assert tf_same_padding(193, 3, 2) == (1, 1)
+    assert tf_same_padding(112, 5, 2) == (1, 2)
+    assert tf_same_padding(14, 5, 1) == (2, 2)
+    assert tf_same_padding(7, 1, 1) == (0, 0)
     with pytest.raises(ValueError, match="stride=0"):
-        effnet.tf_same_padding(8, 3, 0)
+        tf_same_padding(8, 3, 0)
 
 
 @pytest.mark.parametrize(
@@ -104,8 +105,9 @@ def test_tf_same_padding_is_not_pytorch_padding():
 )
 def test_depthwise_conv_matches_grouped_same_conv(size, kernel, stride):
     # Reference: XLA's grouped conv with its own "SAME" padding (TensorFlow's rule).
-    module = effnet.DepthwiseConv(kernel, stride)
     x = np.random.default_rng(size).normal(size=(2, size, size + 2, 6)).astype(np.float32)
+    pads = tuple(tf_same_padding(n, kernel, stride) for n in x.shape[1:3])
+    module = depthwise_conv2d(kernel, stride=stride, padding=pads)
     variables = module.init(jax.random.key(0), x)
     kernel_value = variables["params"]["kernel"]
     assert kernel_value.shape == (kernel, kernel, 1, 6)
