@@ -268,7 +268,7 @@ def _with_initialised(backbone: Backbone, template, keys, rng):
 
 
 def load_pretrained(
-    backbone: Backbone,
+    backbone: Backbone | str,
     *,
     path: str | os.PathLike | None = None,
     skip_head: bool = False,
@@ -278,7 +278,8 @@ def load_pretrained(
     """Returns ``backbone`` with its pretrained variables loaded.
 
     Args:
-        backbone: from :func:`get_backbone` (any ``num_classes``).
+        backbone: from :func:`get_backbone` (any ``num_classes``), or a registry name
+            (then ``get_backbone(name)``: the registered head).
         path: checkpoint file; default: the registered file found by
             :func:`~featsim.backbones.weights.find_local_weights`.
         skip_head: load everything except the classifier (fine-tuning with a new head);
@@ -295,6 +296,8 @@ def load_pretrained(
         ValueError: the checkpoint does not match the module (lists the keys), or
             ``skip_head`` without ``rng`` for a module with a head.
     """
+    if isinstance(backbone, str):
+        backbone = get_backbone(backbone)
     path = _resolve_path(backbone, path, download)
     mapping = backbone.weights.key_mapping if backbone.weights else KeyMapping()
     template = backbone.abstract_variables()

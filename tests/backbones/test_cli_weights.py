@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from featsim.backbones import get_backbone, list_backbones, load_variables
+from featsim.backbones import get_backbone, list_backbones, load_pretrained, load_variables
 from featsim.cli import main
 
 from ._helpers import fake_torch_state_dict
@@ -37,6 +37,8 @@ def test_convert_pth_to_safetensors_and_msgpack(tmp_path, resnet18_state_dict):
     from_st = get_backbone("resnet18", pretrained=True,
                            weights_path=tmp_path / "r18.safetensors").variables
     from_mp, meta = load_variables(tmp_path / "r18.msgpack", with_metadata=True)
+    by_name = load_pretrained("resnet18", path=tmp_path / "r18.safetensors").variables
+    _same(by_name, expected)
     _same(from_st, expected)
     _same(from_mp, expected)
     assert meta["backbone"] == "resnet18" and meta["converted_from"] == "r18.pth"
