@@ -127,6 +127,12 @@ def _torch_worker(batch, size, iters, variant, queue):
                "torch": torch.__version__, "threads": torch.get_num_threads()})
 
 
+def _xla_flags() -> str:
+    import featsim  # noqa: F401  (applies featsim's XLA:CPU default to this process's env)
+
+    return os.environ.get("XLA_FLAGS", "")
+
+
 def _run(target, *args):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -166,6 +172,8 @@ def main(argv=None):
         "batch": args.batch, "size": args.size, "iters": args.iters,
         "machine": platform.machine(), "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "runs": runs,
+        # featsim sets a YNNPACK fusion default at import (featsim/_xla.py); recorded here.
+        "xla_flags_in_featsim_workers": _xla_flags(),
         "target": "featsim float32 images/s >= 1.0x torch channels_last",
     }
     out = Path(args.out)
