@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 from flax import traverse_util
+
+# The shared real-data folder sits beside the checkout (../shared/data); override with
+# $FEATSIM_SHARED_DATA. Tests that need it skip with a reason when it is absent.
+SHARED_DATA = Path(
+    os.environ.get("FEATSIM_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data"
+)
 
 _FLAX_TO_TORCH_LEAF = {
     ("params", "kernel"): "weight",

@@ -8,10 +8,8 @@ shared Imagenette images.
 import csv
 import dataclasses
 import functools
-import os
 import time
 import urllib.request
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,18 +22,13 @@ from featsim.backbones import convert_state_dict, get_backbone, load_pretrained
 from featsim.backbones.layers import depthwise_conv2d, tf_same_padding
 from featsim.backbones.weights import package_file
 
-from ._helpers import rel_err
+from ._helpers import SHARED_DATA, rel_err
 
 FEATURES = ("stem", *(f"stage{i}" for i in range(1, 8)), "head", "pre_logits")
 # float32 end to end; errors measured so far are ~1e-6 (see the report printed with -s).
 TOL = 1e-4
 # The first two stages of the table: 3 blocks, one with a residual; cheap to compile.
 SMALL_STAGES = effnet.LITE_STAGES[:2]
-# The shared real-data folder sits beside the checkout (../shared/data); override with
-# $FEATSIM_SHARED_DATA.
-SHARED_DATA = Path(
-    os.environ.get("FEATSIM_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data"
-)
 IMAGENETTE = SHARED_DATA / "imagenette_val_500"
 
 

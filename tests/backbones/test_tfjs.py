@@ -1,8 +1,8 @@
 """TF.js graph models: the manifest reader, the MobileNetV1 mapping, and the real weights.
 
-The real-weight test needs ``/work/shared/data`` (TF-Hub's MobileNetV1 0.25/224 as a TF.js
-graph, and ``imagenet_sample_1k``); it is skipped without it. There is no TensorFlow here, so
-it trusts two references:
+The real-weight test needs ``../shared/data`` (or ``$FEATSIM_SHARED_DATA``): TF-Hub's
+MobileNetV1 0.25/224 as a TF.js graph, and ``imagenet_sample_1k``; it is skipped without it.
+There is no TensorFlow here, so it trusts two references:
 
 (a) an independent float64 numpy interpreter of the graph in ``model.json`` (below): it reads
     the shard itself and executes the nodes as TensorFlow defines them (``_FusedConv2D``,
@@ -11,7 +11,7 @@ it trusts two references:
     signature takes, sharing no code with featsim. featsim's logits (from the ``[-1, 1]``
     registry preprocessing) must agree with it to ``rel_err`` 1e-4 on 20 images;
 (b) for orientation, the figure measured by others on these files (README of
-    ``/work/shared/data``): top-1 0.56 / top-5 0.81. featsim must land within 1 point of both.
+    the shared data): top-1 0.56 / top-5 0.81. featsim must land within 1 point of both.
 
 Preprocessing (the registry's ``MOBILENET_V1_TF``, as torchvision computes sizes): Pillow
 decode, convert to RGB, resize the shorter side to 256 with ``Image.BILINEAR`` (the longer
@@ -41,9 +41,9 @@ from featsim.backbones.tfjs import (
     tfjs_model_json,
 )
 
-from ._helpers import rel_err
+from ._helpers import SHARED_DATA, rel_err
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 MODEL_DIR = DATA / "models" / "mobilenet_v1_025_224_tfjs_graph"
 IMAGES = DATA / "imagenet_sample_1k"
 PUBLISHED_TOP1, PUBLISHED_TOP5 = 0.56, 0.81
