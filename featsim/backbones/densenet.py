@@ -66,23 +66,7 @@ _COMMON_FIELDS = ("bn_epsilon", "bn_momentum", "bn_axis_name", "dtype", "param_d
 
 def _conv_and_norm(module: nn.Module, train: bool):
     """torchvision-initialised conv and BatchNorm factories with ``module``'s common fields."""
-    conv = functools.partial(
-        layers.conv2d,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        precision=module.precision,
-        kernel_init=_kaiming_normal_fan_in,
-    )
-    norm = functools.partial(
-        layers.batch_norm,
-        train=train,
-        epsilon=module.bn_epsilon,
-        momentum=module.bn_momentum,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        axis_name=module.bn_axis_name,
-    )
-    return conv, norm
+    return layers.conv_and_norm(module, train, kernel_init=_kaiming_normal_fan_in)
 
 
 class _Common(nn.Module):

@@ -14,6 +14,7 @@ Ports of PyTorch models go wrong in a few known places; each helper here pins on
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "avg_pool",
     "batch_norm",
     "conv2d",
+    "conv_and_norm",
     "depthwise_conv2d",
     "flax_momentum",
     "global_avg_pool",
@@ -469,3 +471,28 @@ def depthwise_conv2d(
         kernel_init=kernel_init,
         name=name,
     )
+
+
+def conv_and_norm(module: nn.Module, train: bool, *, kernel_init: Callable | None = None):
+    """``(conv, norm)`` factories carrying a backbone module's common fields.
+
+    ``conv`` is :func:`conv2d` with the module's ``dtype``, ``param_dtype`` and ``precision``
+    (and ``kernel_init`` when given: families differ in torchvision's init); ``norm`` is
+    :func:`batch_norm` with ``train`` and the module's ``bn_epsilon``, ``bn_momentum`` and
+    ``bn_axis_name``.
+    """
+    conv_kwargs = dict(dtype=module.dtype, param_dtype=module.param_dtype,
+                       precision=module.precision)
+    if kernel_init is not None:
+        conv_kwargs["kernel_init"] = kernel_init
+    conv = functools.partial(conv2d, **conv_kwargs)
+    norm = functools.partial(
+        batch_norm,
+        train=train,
+        epsilon=module.bn_epsilon,
+        momentum=module.bn_momentum,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        axis_name=module.bn_axis_name,
+    )
+    return conv, norm

@@ -59,22 +59,7 @@ class _Block(nn.Module):
     precision: Any = None
 
     def _layers(self, train: bool):
-        conv = functools.partial(
-            layers.conv2d,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
-        )
-        norm = functools.partial(
-            layers.batch_norm,
-            train=train,
-            epsilon=self.bn_epsilon,
-            momentum=self.bn_momentum,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
-        )
-        return conv, norm
+        return layers.conv_and_norm(self, train)
 
     def _shortcut(self, x, conv, norm, out_features: int):
         if not self.downsample:

@@ -97,22 +97,7 @@ class ShuffleUnit(nn.Module):
                 f"a stride-1 unit needs in_features == 2 * (features // 2), got in_features="
                 f"{in_features}, features={self.features}"
             )
-        conv = functools.partial(
-            layers.conv2d,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
-            kernel_init=_torch_conv_init,
-        )
-        norm = functools.partial(
-            layers.batch_norm,
-            train=train,
-            epsilon=self.bn_epsilon,
-            momentum=self.bn_momentum,
-            axis_name=self.bn_axis_name,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        conv, norm = layers.conv_and_norm(self, train, kernel_init=_torch_conv_init)
 
         depthwise = functools.partial(
             depthwise_conv2d,
