@@ -312,12 +312,7 @@ class EfficientNetLite(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(
-                f"EfficientNetLite expects NHWC input [N, H, W, 3], got shape {x.shape}"
-            )
-        if self.num_classes is not None and self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 or None, got {self.num_classes}")
+        layers.check_backbone_input("EfficientNetLite", x, self.num_classes)
         uses_rng = self.drop_connect_rate > 0 or (self.num_classes and self.dropout_rate > 0)
         if train and uses_rng and not self.has_rng("dropout"):
             raise ValueError(

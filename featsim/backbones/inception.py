@@ -379,15 +379,12 @@ class Inception3(_Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"Inception3 expects NHWC input [N, H, W, 3], got shape {x.shape}")
+        layers.check_backbone_input("Inception3", x, self.num_classes)
         if min(x.shape[1:3]) < MIN_INPUT_SIZE:
             raise ValueError(
                 f"Inception3 needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} "
                 f"(299x299 native), got spatial size {x.shape[1:3]}"
             )
-        if self.num_classes is not None and self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 or None, got {self.num_classes}")
         if self.transform_input:
             x = self._transform_input(x)
 

@@ -30,6 +30,7 @@ __all__ = [
     "DepthwiseConv",
     "avg_pool",
     "batch_norm",
+    "check_backbone_input",
     "conv2d",
     "conv_and_norm",
     "depthwise_conv2d",
@@ -496,3 +497,12 @@ def conv_and_norm(module: nn.Module, train: bool, *, kernel_init: Callable | Non
         axis_name=module.bn_axis_name,
     )
     return conv, norm
+
+
+def check_backbone_input(name: str, x, num_classes) -> None:
+    """Raises ValueError unless ``x`` is NHWC RGB ``[N, H, W, 3]`` and ``num_classes`` is
+    None or >= 0 (0 and None both mean: no classifier head)."""
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{name} expects NHWC input [N, H, W, 3], got shape {x.shape}")
+    if num_classes is not None and num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 or None, got {num_classes}")

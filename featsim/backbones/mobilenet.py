@@ -150,13 +150,6 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
-def _check_input(name: str, x, num_classes):
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"{name} expects NHWC input [N, H, W, 3], got shape {x.shape}")
-    if num_classes is not None and num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0 or None, got {num_classes}")
-
-
 def _relu6(x):
     # torch.nn.ReLU6 is hardtanh(0, 6); jnp.clip keeps the dtype.
     return jnp.clip(x, 0, 6)
@@ -290,7 +283,7 @@ class MobileNetV2(_Fields):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        _check_input("MobileNetV2", x, self.num_classes)
+        layers.check_backbone_input("MobileNetV2", x, self.num_classes)
         setting = [tuple(row) for row in self.inverted_residual_setting]
         if not setting or any(len(row) != 4 for row in setting):
             raise ValueError(
@@ -476,7 +469,7 @@ class MobileNetV1(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        _check_input("MobileNetV1", x, self.num_classes)
+        layers.check_backbone_input("MobileNetV1", x, self.num_classes)
         if self.width_multiplier <= 0:
             raise ValueError(f"width_multiplier must be > 0, got {self.width_multiplier}")
         if self.padding not in MOBILENET_V1_PADDINGS:

@@ -153,10 +153,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"ResNet expects NHWC input [N, H, W, 3], got shape {x.shape}")
-        if self.num_classes is not None and self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 or None, got {self.num_classes}")
+        layers.check_backbone_input("ResNet", x, self.num_classes)
         common = dict(
             dtype=self.dtype,
             param_dtype=self.param_dtype,

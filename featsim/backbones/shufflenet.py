@@ -170,10 +170,7 @@ class ShuffleNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"ShuffleNetV2 expects NHWC input [N, H, W, 3], got shape {x.shape}")
-        if self.num_classes is not None and self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 or None, got {self.num_classes}")
+        layers.check_backbone_input("ShuffleNetV2", x, self.num_classes)
         if len(self.stages_repeats) != 3:
             raise ValueError(
                 f"expected stages_repeats as 3 positive ints, got {self.stages_repeats!r}"
