@@ -27,6 +27,7 @@ __all__ = [
     "float_dtype",
     "host_x64",
     "is_traced",
+    "widest_float",
 ]
 
 
@@ -47,6 +48,12 @@ def host_x64(enabled: bool = True) -> Iterator[None]:
         return
     with jax.enable_x64(True):
         yield
+
+
+def widest_float() -> np.dtype:
+    """The widest float JAX allows right now: float64 under x64 (the host path enables it),
+    else float32."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def float_dtype(x) -> np.dtype:

@@ -44,7 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from featsim.metrics._validation import as_features, check_same_dim, host_x64, is_traced
+from featsim.metrics._validation import (
+    as_features,
+    check_same_dim,
+    host_x64,
+    is_traced,
+    widest_float,
+)
 
 __all__ = [
     "METRICS",
@@ -60,9 +66,7 @@ _DEFAULT_BLOCK = 1024
 _CITYBLOCK_COLUMNS = 64
 
 
-def _acc_dtype():
-    """float64 when JAX allows it (host path enables x64), else float32."""
-    return jax.dtypes.canonicalize_dtype(jnp.float64)
+_acc_dtype = widest_float  # accumulation dtype of every sum
 
 
 def _compute_dtype(dtype) -> np.dtype:

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from featsim.metrics._validation import as_features, check_same_dim, is_traced
+from featsim.metrics._validation import as_features, check_same_dim, is_traced, widest_float
 
 __all__ = ["KIDResult", "kid", "polynomial_mmd2"]
 
@@ -143,9 +143,7 @@ def _kernel_params(d: int, degree, gamma, coef0) -> tuple[int, float, float]:
     return degree, float(gamma), float(coef0)
 
 
-def _traced_dtype():
-    """The widest float JAX allows right now (float32 unless x64 is enabled)."""
-    return jax.dtypes.canonicalize_dtype(jnp.float64)
+_traced_dtype = widest_float  # float32 unless x64 is enabled
 
 
 # --------------------------------------------------------------------------------------------
