@@ -1,7 +1,9 @@
 """Suite-wide guards: tests never touch the network."""
 
+import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -17,3 +19,18 @@ def _no_network(monkeypatch):
         return real(url, *args, **kwargs)
 
     monkeypatch.setattr(urllib.request, "urlopen", guarded)
+
+
+# The shared real-data folder sits beside the checkout (../shared/data); override with
+# $FEATSIM_SHARED_DATA. (tests/backbones/_helpers.py exports the same path as SHARED_DATA.)
+SHARED_DATA = Path(
+    os.environ.get("FEATSIM_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data``; the test skips, saying why, when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real-data test: {SHARED_DATA} not found (set $FEATSIM_SHARED_DATA)")
+    return SHARED_DATA

@@ -120,6 +120,7 @@ class Backbone:
         weights: where pretrained weights come from (None if none are registered).
         variables: ``{"params", "batch_stats"}`` when loaded pretrained, else None; random
             weights come only from an explicit :meth:`init`.
+        weights_file: the checkpoint ``variables`` were loaded from, if any.
     """
 
     name: str
@@ -127,6 +128,7 @@ class Backbone:
     preprocessing: Preprocessing
     weights: WeightsSource | None = None
     variables: Any = None
+    weights_file: Path | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -330,7 +332,7 @@ def load_pretrained(
             )
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    return dataclasses.replace(backbone, variables=variables)
+    return dataclasses.replace(backbone, variables=variables, weights_file=path)
 
 
 def convert_weights_file(
@@ -340,14 +342,14 @@ def convert_weights_file(
     backbone: str,
     num_classes: int | None = None,
 ) -> Path:
-    """Converts a PyTorch checkpoint once, so that loading it never needs torch again.
+    """Converts a PyTorch checkpoint once to a pickle-free file (``.safetensors``/``.msgpack``).
 
     The checkpoint is first loaded into the named backbone (every key consumed, every shape
     checked), so a file for the wrong architecture fails here rather than later.
 
     Args:
-        source: ``.pth``/``.pt``/``.bin`` (needs torch) or ``.safetensors`` with the family's
-            PyTorch key names.
+        source: ``.pth``/``.pt``/``.bin`` (read without torch, see
+            :mod:`featsim.backbones.pth`) or ``.safetensors`` with the family's PyTorch keys.
         destination: ``.safetensors`` (the same PyTorch-key tensors; loadable by featsim,
             torchvision and timm without pickle) or ``.msgpack`` (featsim's converted Flax
             variables, with provenance metadata).

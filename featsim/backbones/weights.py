@@ -3,8 +3,9 @@
 Formats:
 
 * ``.safetensors`` (PyTorch key names) via the ``safetensors`` package;
-* ``.pth`` / ``.pt`` / ``.bin`` (PyTorch key names) via ``torch.load(weights_only=True)``;
-  torch is optional (``pip install featsim[torch]``);
+* ``.pth`` / ``.pt`` / ``.bin`` (PyTorch key names, ``torch.save`` zip or legacy format) via
+  :func:`featsim.backbones.pth.read_pth`: no torch needed, and the pickle may name only the
+  globals a state dict needs (as with ``torch.load(weights_only=True)``);
 * ``.msgpack``: featsim's own format, converted Flax variables serialised with
   ``flax.serialization`` inside a small envelope that names the format and its version.
 
@@ -31,6 +32,7 @@ import numpy as np
 from flax import serialization
 
 from featsim.backbones.convert import KeyMapping
+from featsim.backbones.pth import read_pth
 
 __all__ = [
     "FEATSIM_FORMAT",
@@ -200,17 +202,6 @@ def _progress(total, name):
                 disable=None)
 
 
-def _import_torch():
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(
-            "reading PyTorch .pth checkpoints needs torch: pip install 'featsim[torch]' "
-            "(pins the CPU-compatible torch==2.13.0), or convert the file to .safetensors"
-        ) from err
-    return torch
-
-
 def _import_safetensors_numpy():
     try:
         from safetensors import numpy as safetensors_numpy
@@ -232,9 +223,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ImportError: the reader for this format (torch, safetensors) is not installed.
-        ValueError: unknown suffix, or a ``.pth`` file that is not a flat name -> tensor
-            mapping (e.g. a training checkpoint ``{"model": ..., "optimizer": ...}``).
+        ImportError: safetensors is not installed (``.safetensors`` only; ``.pth`` files are
+            read without torch).
+        ValueError: unknown suffix, or a ``.pth`` file that is not a torch.save checkpoint, is
+            truncated, or is not a flat name -> tensor mapping (e.g. a training checkpoint
+            ``{"model": ..., "optimizer": ...}``; nothing is unwrapped).
+        pickle.UnpicklingError: (:class:`~featsim.backbones.pth.UnsafeCheckpointError`) the
+            ``.pth`` pickle names a global outside the state-dict allow-list; nothing ran.
     """
     path = Path(path)
     if not path.is_file():
@@ -244,23 +239,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         arrays = _import_safetensors_numpy().load_file(str(path))
         return {k: _float32_if_half(v) for k, v in arrays.items()}
     if suffix in _TORCH_SUFFIXES:
-        torch = _import_torch()
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(loaded, Mapping) or not all(
-            isinstance(v, torch.Tensor) for v in loaded.values()
-        ):
-            keys = list(loaded)[:10] if isinstance(loaded, Mapping) else type(loaded).__name__
-            raise ValueError(
-                f"{path} is not a flat state dict (name -> tensor); top level: {keys}. "
-                "Extract the model's state dict (e.g. checkpoint['state_dict']) and save it."
-            )
-        out = {}
-        for name, tensor in loaded.items():
-            tensor = tensor.detach()
-            if tensor.dtype in (torch.bfloat16, torch.float16):
-                tensor = tensor.float()
-            out[name] = tensor.numpy()
-        return out
+        return {k: _float32_if_half(v) for k, v in read_pth(path).items()}
     raise ValueError(
         f"unknown checkpoint suffix {path.suffix!r} for {path}; expected .safetensors, "
         f"{', '.join(_TORCH_SUFFIXES)} or .msgpack (featsim's format, see load_variables)"

@@ -1,5 +1,22 @@
-"""Feature sets: loading saved feature arrays (extraction from images comes with the pipeline)."""
+"""Feature sets: extraction from images (cached, resumable) and loading saved arrays."""
 
-from featsim.features.io import load_features as load_features
+from featsim.features.cache import FeatureCache, default_cache_dir
+from featsim.features.extract import (
+    POOLING,
+    Features,
+    SkippedItem,
+    extract_features,
+    feature_layers,
+)
+from featsim.features.io import load_features
 
-__all__ = ["load_features"]
+__all__ = [
+    "POOLING",
+    "FeatureCache",
+    "Features",
+    "SkippedItem",
+    "default_cache_dir",
+    "extract_features",
+    "feature_layers",
+    "load_features",
+]

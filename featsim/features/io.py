@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ def load_features(path, *, key: str | None = None) -> np.ndarray:
 
     Args:
       path: file path. ``.npy`` holds one array; ``.npz`` holds named arrays.
-      key: array name inside an ``.npz``. Default: ``"features"`` if present, else the only
-        array in the file.
+      key: array name inside an ``.npz``. Default: the layer of a one-layer file written by
+        ``featsim extract``, else ``"features"`` if present, else the only array in the file.
 
     Returns:
       The array, unchanged (no dtype conversion). Conv maps ``[n, h, w, c]`` are not
@@ -35,8 +36,11 @@ def load_features(path, *, key: str | None = None) -> np.ndarray:
     elif suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
+            layers = _featsim_layers(archive) if "manifest" in names else []
             if key is None:
-                if "features" in names:
+                if len(layers) == 1:  # written by `featsim extract` / Features.save
+                    key = layers[0]
+                elif "features" in names:
                     key = "features"
                 elif len(names) == 1:
                     key = names[0]
@@ -52,3 +56,11 @@ def load_features(path, *, key: str | None = None) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"{path}: features must have shape [n, d], got shape {array.shape}")
     return array
+
+
+def _featsim_layers(archive) -> list[str]:
+    """The layer names recorded in a ``featsim extract`` file's manifest."""
+    try:
+        return list(json.loads(str(archive["manifest"]))["layers"])
+    except (ValueError, KeyError, TypeError):
+        return []

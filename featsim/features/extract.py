@@ -1,0 +1,360 @@
+"""Images -> features: batched, jit-compiled, data-parallel, cached by content, resumable.
+
+:func:`extract_features` runs a backbone over a source and returns :class:`Features` (one
+``[n, d]`` array per requested layer, the item ids, labels and what was skipped). Host-side
+decoding runs in a thread pool ahead of the device (Pillow releases the GIL), the device
+computes one fixed-size batch at a time (the last one padded and masked, so no image is
+dropped), and every chunk of results is written to the content-keyed cache
+(:mod:`featsim.features.cache`) as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+import featsim
+from featsim import parallel
+from featsim.backbones.registry import Backbone
+from featsim.data.decode import load_rgb
+from featsim.data.items import Item, Source
+from featsim.data.sources import open_source
+from featsim.data.transforms import Transform
+from featsim.features.cache import Chunk, FeatureCache, default_cache_dir
+
+__all__ = ["POOLING", "Features", "SkippedItem", "extract_features", "feature_layers"]
+
+# How a spatial map [n, h, w, c] becomes a vector: "avg" = global average over h, w (the
+# backbones' own pre_logits pooling); "flatten" = all h*w*c values.
+POOLING = ("avg", "flatten")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedItem:
+    """An image left out with ``skip_bad=True``: its id, file and the reason."""
+
+    id: str
+    name: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Features:
+    """Features of the images of one source.
+
+    Attributes:
+        layers: layer name -> float32 ``[n, d]`` (spatial maps pooled per ``pooling``).
+        ids: the ``n`` item ids, in the source's order, skipped items left out.
+        labels: int64 ``[n]`` (-1 where unlabelled) or None.
+        class_names: label index -> name.
+        content_hashes: SHA-256 of each image's bytes.
+        skipped: the items left out (only ever non-empty with ``skip_bad=True``).
+        manifest: provenance: backbone, weights, layers, preprocessing, source, counts,
+            featsim version, cache key.
+    """
+
+    layers: dict[str, np.ndarray]
+    ids: tuple[str, ...]
+    labels: np.ndarray | None
+    class_names: tuple[str, ...]
+    content_hashes: tuple[str, ...]
+    skipped: tuple[SkippedItem, ...]
+    manifest: dict
+
+    def __getitem__(self, layer: str) -> np.ndarray:
+        try:
+            return self.layers[layer]
+        except KeyError:
+            raise KeyError(f"no layer {layer!r}; extracted: {sorted(self.layers)}") from None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes an ``.npz``: one array per layer, ids, labels, hashes and the manifest."""
+        path = Path(path)
+        if path.suffix.lower() != ".npz":
+            raise ValueError(f"features are saved as .npz, got {path.name!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = dict(self.layers)
+        arrays.update(
+            ids=np.array(self.ids, np.str_),
+            content_hashes=np.array(self.content_hashes, np.str_),
+            manifest=np.array(json.dumps(self.manifest, sort_keys=True)),
+        )
+        if self.labels is not None:
+            arrays["labels"] = self.labels
+        np.savez(path, **arrays)
+        return path
+
+
+def feature_layers(backbone: Backbone) -> list[str]:
+    """Layer names ``backbone`` can return (its features dict, plus ``logits`` with a head)."""
+    logits, feats = jax.eval_shape(
+        lambda v, x: backbone.module.apply(v, x, train=False),
+        backbone.abstract_variables(),
+        jax.ShapeDtypeStruct(backbone.input_shape, jnp.float32),
+    )
+    return list(feats) + (["logits"] if logits is not None else [])
+
+
+def _variables_sha256(variables) -> str:
+    digest = hashlib.sha256()
+    for path, leaf in sorted(
+        jax.tree_util.tree_flatten_with_path(variables)[0], key=lambda kv: str(kv[0])
+    ):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def _forward(module, layers: tuple[str, ...], pooling: str):
+    def apply(variables, x):
+        logits, feats = module.apply(variables, x, train=False)
+        if "logits" in layers:
+            feats = dict(feats, logits=logits)
+        out = {}
+        for name in layers:
+            f = feats[name].astype(jnp.float32)
+            if f.ndim == 4:
+                f = f.mean(axis=(1, 2)) if pooling == "avg" else f.reshape(f.shape[0], -1)
+            out[name] = f
+        return out
+
+    return apply
+
+
+def _hash_item(item: Item) -> tuple[str, str | None]:
+    try:
+        return item.content_hash(), None
+    except OSError as err:
+        return f"unreadable:{item.id}", f"cannot read {item.name}: {err}"
+
+
+def extract_features(
+    backbone: Backbone,
+    source: Source | str | os.PathLike,
+    *,
+    layers: Sequence[str] = ("pre_logits",),
+    transform: Transform | None = None,
+    normalization: str = "backbone",
+    pooling: str = "avg",
+    batch_size: int = 32,
+    chunk_batches: int = 8,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    skip_bad: bool = False,
+    num_workers: int | None = None,
+    progress: bool = True,
+    data_dir: str | os.PathLike | None = None,
+) -> Features:
+    """Runs ``backbone`` over every image of ``source``.
+
+    Args:
+        backbone: a :class:`~featsim.backbones.Backbone` with ``variables`` (pretrained,
+            fine-tuned, or explicitly ``dataclasses.replace(bb, variables=bb.init(key))``).
+        source: a :class:`~featsim.data.Source` or a spec for
+            :func:`~featsim.data.open_source` (folder, ``folder:split``, ``.npz``,
+            ``tfds:NAME``, ``embedded:natural``).
+        layers: feature names (see :func:`feature_layers`), all computed in one pass.
+        transform: the preprocessing policy; default the backbone's own
+            (``Transform.for_backbone(backbone.preprocessing, normalization)``).
+        normalization: ``"backbone"`` or ``"paper"`` (Gu & Lee: mean 0.5, std 0.5); only
+            used when ``transform`` is None.
+        pooling: one of :data:`POOLING`, for layers that are spatial maps.
+        batch_size: images per device step (rounded up to a multiple of the device count).
+        chunk_batches: batches per cache chunk (the unit of resumption).
+        cache: read and write the feature cache.
+        cache_dir: cache root; default :func:`~featsim.features.cache.default_cache_dir`.
+        skip_bad: leave out files that cannot be read or decoded and list them in
+            ``Features.skipped``; default False raises an error naming the file.
+        num_workers: decoding threads (default: CPU count, at most 8).
+        progress: show a tqdm progress bar.
+        data_dir: tensorflow-datasets folder for ``tfds:`` specs.
+
+    Returns:
+        :class:`Features`.
+
+    Raises:
+        ValueError: no variables, unknown layers or pooling, an empty source, or (without
+            ``skip_bad``) an unreadable image, named in the message; also when every image
+            was skipped.
+    """
+    if backbone.variables is None:
+        raise ValueError(
+            f"backbone {backbone.name!r} has no variables: load weights with "
+            "get_backbone(name, pretrained=True) or pass random ones explicitly"
+        )
+    if pooling not in POOLING:
+        raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
+    available = feature_layers(backbone)
+    layers = tuple(dict.fromkeys(layers))
+    unknown = [name for name in layers if name not in available]
+    if not layers or unknown:
+        raise ValueError(f"unknown layers {unknown or '(none given)'} for {backbone.name}; "
+                         f"available: {available}")
+    if not isinstance(source, Source):
+        source = open_source(source, data_dir=data_dir)
+    if not source.items:
+        raise ValueError(f"source {source.spec!r} has no images")
+    if transform is None:
+        transform = Transform.for_backbone(backbone.preprocessing, normalization=normalization)
+    ndev = parallel.device_count()
+    batch_size = -(-batch_size // ndev) * ndev
+    chunk_size = batch_size * max(1, chunk_batches)
+    num_workers = num_workers or min(8, os.cpu_count() or 1)
+
+    weights_sha256 = _variables_sha256(backbone.variables)
+    key_fields = {
+        "backbone": backbone.name,
+        "weights_sha256": weights_sha256,
+        "layers": sorted(layers),
+        "pooling": pooling,
+        "preprocessing": transform.to_dict(),
+        "batch_size": batch_size,
+        "devices": f"{jax.default_backend()}x{ndev}",
+        "jax": jax.__version__,
+    }
+    store = FeatureCache(cache_dir or default_cache_dir(), key_fields) if cache else None
+
+    items = source.items
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+        hashed = list(pool.map(_hash_item, items))
+        hashes = [h for h, _ in hashed]
+        read_errors = {i: e for i, (_, e) in enumerate(hashed) if e is not None}
+        if read_errors and not skip_bad:
+            raise ValueError(next(iter(read_errors.values())) + " (use skip_bad=True / "
+                             "--skip-bad to leave unreadable files out and list them)")
+        starts = range(0, len(items), chunk_size)
+        chunks: list[Chunk | None] = [
+            store.load(hashes[s : s + chunk_size], layers) if store else None for s in starts
+        ]
+        todo = [i for s, c in zip(starts, chunks, strict=True) if c is None
+                for i in range(s, min(s + chunk_size, len(items)))]
+        decoded = _prefetch(pool, items, todo, transform, read_errors, lookahead=2 * batch_size)
+        variables = jax.device_put(
+            backbone.variables, NamedSharding(parallel.local_mesh(), PartitionSpec()))
+        forward = parallel.data_parallel(_forward(backbone.module, layers, pooling))
+        bar = tqdm(total=len(items), desc=f"{backbone.name} {source.spec}", unit="img",
+                   disable=not progress)
+        for c, s in enumerate(starts):
+            stop = min(s + chunk_size, len(items))
+            if chunks[c] is None:
+                chunks[c] = _compute_chunk(
+                    forward, variables, decoded, hashes[s:stop], batch_size, layers, skip_bad)
+                if store:
+                    store.save(chunks[c])
+            bar.update(stop - s)
+        bar.close()
+
+    ok = np.concatenate([c.ok for c in chunks])
+    errors = [e for c in chunks for e in c.errors]
+    if not skip_bad and not ok.all():
+        first = int(np.flatnonzero(~ok)[0])
+        raise ValueError(f"{errors[first]} (cached from an earlier --skip-bad run; use "
+                         "skip_bad=True / --skip-bad to leave it out)")
+    skipped = tuple(SkippedItem(items[i].id, items[i].name, errors[i])
+                    for i in np.flatnonzero(~ok))
+    if not ok.any():
+        raise ValueError(f"all {len(items)} images of {source.spec!r} were skipped; first: "
+                         f"{skipped[0].name}: {skipped[0].reason}")
+    keep = np.flatnonzero(ok)
+    labels = source.labels
+    feats = {name: np.concatenate([c.layers[name] for c in chunks if c.ok.any()])
+             for name in layers}
+    manifest = {
+        "featsim_version": featsim.__version__,
+        "backbone": backbone.name,
+        "weights": {
+            "file": str(backbone.weights_file) if backbone.weights_file else None,
+            "description": backbone.weights.description if backbone.weights else None,
+            "variables_sha256": weights_sha256,
+        },
+        "layers": list(layers),
+        "pooling": pooling,
+        "preprocessing": transform.to_dict(),
+        "source": {"spec": str(source.spec), "kind": source.kind,
+                   "description": source.description, "n_items": len(items)},
+        "n": len(keep),
+        "skipped": len(skipped),
+        "content_sha256": hashlib.sha256("\n".join(hashes).encode()).hexdigest(),
+        "batch_size": batch_size,
+        "devices": key_fields["devices"],
+        "cache_key": store.key if store else None,
+    }
+    return Features(
+        layers=feats,
+        ids=tuple(items[i].id for i in keep),
+        labels=None if labels is None else labels[keep],
+        class_names=tuple(source.class_names),
+        content_hashes=tuple(hashes[i] for i in keep),
+        skipped=skipped,
+        manifest=manifest,
+    )
+
+
+def _load(item: Item, transform: Transform, read_error: str | None):
+    """``(pixels, None)`` or ``(None, reason)``: never raises for a bad image."""
+    if read_error is not None:
+        return None, read_error
+    try:
+        return transform(load_rgb(item)), None
+    except (ValueError, OSError) as err:  # ImageDecodeError is a ValueError
+        return None, f"{item.name}: {err}" if item.name not in str(err) else str(err)
+
+
+def _prefetch(pool, items, todo, transform, read_errors, *, lookahead) -> Iterator:
+    """Decoded ``(pixels, error)`` for the items ``todo``, in order, ``lookahead`` ahead."""
+    queue = collections.deque()
+    it = iter(todo)
+    for i in it:
+        queue.append(pool.submit(_load, items[i], transform, read_errors.get(i)))
+        if len(queue) >= lookahead:
+            break
+    while queue:
+        result = queue.popleft().result()
+        nxt = next(it, None)
+        if nxt is not None:
+            queue.append(pool.submit(_load, items[nxt], transform, read_errors.get(nxt)))
+        yield result
+
+
+def _compute_chunk(forward, variables, decoded, hashes, batch_size, layers, skip_bad) -> Chunk:
+    pixels, errors = [], []
+    for _ in hashes:
+        x, err = next(decoded)
+        if err is not None and not skip_bad:
+            raise ValueError(f"{err} (use skip_bad=True / --skip-bad to leave bad files out "
+                             "and list them)")
+        pixels.append(x)
+        errors.append(err or "")
+    good = [x for x in pixels if x is not None]
+    outs, pending = [], None
+    for b in range(0, len(good), batch_size):
+        batch, n = parallel.pad_batch(np.stack(good[b : b + batch_size]), batch_size)
+        out = forward(variables, batch)  # dispatched asynchronously
+        if pending is not None:
+            outs.append(jax.tree.map(lambda a, k=pending[1]: np.asarray(a)[:k], pending[0]))
+        pending = (out, n)
+    if pending is not None:
+        outs.append(jax.tree.map(lambda a, k=pending[1]: np.asarray(a)[:k], pending[0]))
+    feats = {
+        name: (np.concatenate([o[name] for o in outs]) if outs
+               else np.zeros((0, 0), np.float32))
+        for name in layers
+    }
+    return Chunk(hashes=tuple(hashes), ok=np.array([x is not None for x in pixels]),
+                 errors=tuple(errors), layers=feats)

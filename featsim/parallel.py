@@ -1,0 +1,82 @@
+"""The one place that spreads work across local devices (sharded ``jax.jit`` over a mesh).
+
+Feature extraction and training call :func:`data_parallel` instead of ``jax.pmap`` directly,
+so moving between ``pmap`` and ``jit`` + sharding stays a one-module edit. The batch axis is
+split over every local device (``jax.local_devices()``; on a CPU host force several with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N``); other arguments are replicated.
+
+A batch whose size does not divide evenly is padded here (:func:`pad_batch`) and the padding
+masked out by the caller, never dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = ["DATA_AXIS", "data_parallel", "device_count", "local_mesh", "pad_batch"]
+
+DATA_AXIS = "data"
+
+
+def device_count() -> int:
+    """Number of local devices the batch axis is split over."""
+    return jax.local_device_count()
+
+
+@functools.cache
+def local_mesh() -> Mesh:
+    """A 1-D mesh over the local devices, axis :data:`DATA_AXIS`."""
+    return Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
+
+
+def data_parallel(fn, *, replicated_argnums: tuple[int, ...] = (0,)):
+    """``jax.jit(fn)`` with the leading axis of the non-replicated arguments sharded.
+
+    Args:
+        fn: ``fn(*args)``; arguments in ``replicated_argnums`` (e.g. the variables) are
+            copied to every device, the others are batches whose leading axis is split.
+            Outputs are sharded along their leading axis too.
+        replicated_argnums: positions of the replicated arguments.
+
+    Returns:
+        The compiled function. Batch arguments must have a leading size divisible by
+        :func:`device_count` (see :func:`pad_batch`).
+    """
+    mesh = local_mesh()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    @functools.wraps(fn)
+    def call(*args):
+        shardings = tuple(
+            replicated if i in replicated_argnums else sharded for i in range(len(args))
+        )
+        return _jitted(len(args), shardings)(*args)
+
+    @functools.cache
+    def _jitted(nargs, shardings):
+        return jax.jit(fn, in_shardings=shardings, out_shardings=sharded)
+
+    return call
+
+
+def pad_batch(batch: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    """Pads ``batch`` along axis 0 to ``size`` rows with zeros.
+
+    Returns:
+        ``(padded, n_valid)``: the caller keeps ``padded[:n_valid]`` of every output.
+
+    Raises:
+        ValueError: ``batch`` already has more than ``size`` rows.
+    """
+    n = batch.shape[0]
+    if n > size:
+        raise ValueError(f"batch of {n} rows does not fit a padded size of {size}")
+    if n == size:
+        return batch, n
+    pad = np.zeros((size - n, *batch.shape[1:]), batch.dtype)
+    return np.concatenate([batch, pad]), n
