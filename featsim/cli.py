@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import featsim
@@ -126,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add_stats_options(p):
         p.add_argument("--metric", default="euclidean", choices=METRICS,
                        help="distance d for D (default euclidean; cosine D is always reported)")
-        p.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                       help="bootstrap resamples for confidence intervals (default 0: none)")
+        p.add_argument("--bootstrap", type=int, default=200, metavar="N",
+                       help="bootstrap resamples for confidence intervals (default 200; "
+                            "0: none)")
         p.add_argument("--ci-method", default="basic", choices=("basic", "percentile", "BCa"),
                        help="bootstrap interval kind (default basic: corrects FID's and the "
                             "energy distance's finite-sample bias; see featsim.report)")
@@ -222,8 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"featsim: {category.__name__}: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning  # one readable line, not a source excerpt
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError, ImportError) as err:

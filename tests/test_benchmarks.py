@@ -22,3 +22,14 @@ def test_metrics_benchmark_quick(tmp_path):
     assert dist["relative_error_vs_float64_reference"] < 1e-6
     assert data["frechet_distance"]["relative_difference"] < 1e-9
     assert data["minibatch_cka"]["peak_rss_mib"] > 0
+
+
+def test_pipeline_benchmark_quick(tmp_path):
+    out = tmp_path / "pipeline.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pipeline.py"), "--quick",
+                    "--out", str(out)], check=True, capture_output=True, cwd=ROOT, timeout=600)
+    data = json.loads(out.read_text())
+    assert data["quick"] is True and data["n_images_distance"] == 128
+    for key in ("bare_forward_img_s", "decode_transform_img_s", "extract_cold_img_s",
+                "distance_cold_img_s", "cached_speedup", "pipeline_over_bare_forward"):
+        assert data[key] > 0, key

@@ -38,3 +38,14 @@ def test_readme_library_example_runs(capsys):
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {})
     assert "D = " in capsys.readouterr().out
+
+
+def test_readme_main_job_needs_no_extras():
+    """The main-job command installs plain featsim (no [torch], no [tfds]) and runs
+    `featsim distance`; test_cli_distance.py runs that job's default in-process."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- main-job -->\s*```(?:bash|sh)?\n(.+?)\n```", text, re.S)
+    assert match, "README.md must mark its main-job command with <!-- main-job -->"
+    command = match.group(1)
+    assert 'pip install -e .' in command and "[" not in command
+    assert "featsim distance --backbone efficientnet_lite0" in command
