@@ -88,6 +88,32 @@ def _extract_command(args) -> int:
     return 0
 
 
+def _train_command(args) -> int:
+    from featsim.train import AugmentConfig, TrainConfig, run_seeds
+
+    if args.data is None and (args.train is None or args.test is None):
+        raise ValueError("give --data SRC (with SRC:train and SRC:test) or --train and --test")
+    train = args.train or f"{args.data}:train"
+    test = args.test or f"{args.data}:test"
+    config = TrainConfig(
+        backbone=args.backbone, strategy=args.strategy, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.lr, body_lr_scale=args.body_lr_scale,
+        partial_stages=args.partial_stages, schedule=args.schedule,
+        normalization=args.normalization, augment=AugmentConfig(enabled=not args.no_augment),
+        val_fraction=args.val_fraction, early_stopping_patience=args.early_stopping,
+        image_dtype=args.image_dtype)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    summary = run_seeds(config, seeds, args.out, train=train, test=test, weights=args.weights,
+                        resume=args.resume, progress=not args.no_progress,
+                        data_dir=args.data_dir)
+    print(f"{config.backbone} {config.strategy}: test metrics over seeds {seeds}")
+    for name, (mean, std) in summary["summary"].items():
+        print(f"  {name:<24} {mean:.4f} +- {std:.4f}")
+    print(f"wrote {Path(args.out) / 'summary.json'} (per seed: metrics.json, history.csv, "
+          "model.msgpack)")
+    return 0
+
+
 def _backbones_command(args) -> int:
     from featsim.backbones import find_local_weights, get_backbone, list_backbones
 
@@ -112,6 +138,29 @@ def _convert_weights_command(args) -> int:
     out = convert_weights_file(args.source, args.destination, backbone=args.backbone,
                                num_classes=args.num_classes)
     print(f"wrote {out} ({args.backbone})")
+    return 0
+
+
+def _compare_command(args) -> int:
+    from featsim.compare import compare_backbones, load_finetuned, plot_cka
+    from featsim.pipeline import pretrained_backbone
+
+    finetuned = load_finetuned(args.finetuned, backbone=args.backbone)  # cheap checks first
+    pretrained = pretrained_backbone(args.backbone, args.weights)
+    result = compare_backbones(
+        pretrained, finetuned, args.source, args.target, layer=args.layer,
+        metric=args.metric, n_bootstrap=args.bootstrap, n_permutations=args.permutations,
+        ci_method=args.ci_method, kid_subset_size=args.kid_subset_size,
+        kid_subsets=args.kid_subsets, seed=args.seed, **_extract_kwargs(args))
+    print(result.to_table())
+    print()
+    print(result.verdict)
+    for skipped in result.before_source.skipped + result.before_target.skipped:
+        print(f"skipped {skipped.name}: {skipped.reason}", file=sys.stderr)
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    if args.plot:
+        print(f"wrote {plot_cka(result, args.plot)}")
     return 0
 
 
@@ -204,6 +253,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_stats_options(m)
     m.set_defaults(func=_metrics_command)
 
+    t = sub.add_parser(
+        "train", help="train a backbone: linear probe, partial, finetune, scratch, meanvar",
+        description="Trains a classifier on a labelled source with one of Gu & Lee's and the "
+                    "related papers' strategies (linear = frozen ImageNet body + new head, "
+                    "the paper's), evaluates train/validation/test every epoch (loss, "
+                    "accuracy, precision, recall, F1, G-mean, specificity, ROC AUC, ECE), "
+                    "checkpoints every epoch and writes OUT/seed_<s>/metrics.json. Defaults: "
+                    "the paper's 20 epochs, batch 64, class-weighted BCE, section 5.7 "
+                    "augmentation and mean/std 0.5.")
+    t.add_argument("--backbone", required=True, help="registry name, see `featsim backbones`")
+    t.add_argument("--weights", default=None, metavar="FILE",
+                   help="pretrained checkpoint (default: the registered weights)")
+    t.add_argument("--data", default=None, help="a folder with train/ and test/ splits "
+                   "(uses DATA:train and DATA:test)")
+    t.add_argument("--train", default=None, help="training source (instead of --data)")
+    t.add_argument("--test", default=None, help="test source (instead of --data)")
+    t.add_argument("--strategy", default="linear",
+                   choices=("linear", "partial", "finetune", "scratch", "meanvar"))
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (paper's Table 3 "
+                   "variant: 1e-4)")
+    t.add_argument("--body-lr-scale", type=float, default=0.1,
+                   help="body learning rate / head learning rate (finetune, partial)")
+    t.add_argument("--partial-stages", type=int, default=1)
+    t.add_argument("--schedule", default="constant", choices=("constant", "cosine", "step"))
+    t.add_argument("--normalization", default="paper", choices=("paper", "backbone"))
+    t.add_argument("--no-augment", action="store_true",
+                   help="no augmentation (linear then trains on cached features)")
+    t.add_argument("--val-fraction", type=float, default=0.0,
+                   help="validation share carved from train (stratified, group-aware)")
+    t.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better validation loss")
+    t.add_argument("--image-dtype", default="uint8", choices=("uint8", "float32"))
+    t.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    t.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints")
+    t.add_argument("--data-dir", default=None, help="tensorflow-datasets folder (tfds:)")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--out", required=True, type=Path, help="output folder")
+    t.set_defaults(func=_train_command)
+
     b = sub.add_parser("backbones", help="list registered backbones, preprocessing, weights",
                        description="Lists every registered backbone with its preprocessing "
                                    "and where its pretrained weights come from.")
@@ -221,6 +311,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-classes", type=int, default=None,
                    help="head size of the checkpoint (default: the registered one, 1000)")
     c.set_defaults(func=_convert_weights_command)
+
+    cp = sub.add_parser(
+        "compare",
+        help="pretrained vs fine-tuned on the same images: D and its scale-free forms, "
+             "their change with paired intervals and tests, layer-by-layer CKA",
+        description="Runs the same source (natural) and target (medical) images through the "
+                    "pretrained backbone and a fine-tuned one (the trainer's run directory, "
+                    "DIR/model.msgpack) and reports, for both, D with the within-domain "
+                    "baselines, the scale-free ratio, energy coefficient and cosine D, FID and "
+                    "KID; the change of each with a paired bootstrap interval (the same "
+                    "resampled images for both backbones) and a paired permutation test "
+                    "(H0: fine-tuning did not change the representation; per image, swap "
+                    "which backbone its features come from); linear CKA between the two "
+                    "networks at every layer on the target images; and a verdict on Gu & "
+                    "Lee's Proposition 5 (fine-tuning lowers D). Sources: " + sources_help)
+    add_extract_options(cp)
+    cp.add_argument("--finetuned", required=True, type=Path, metavar="DIR",
+                    help="fine-tuned run directory (its model.msgpack) or a .msgpack file "
+                         "written by the trainer")
+    cp.add_argument("--source", required=True, help="natural images: " + sources_help)
+    cp.add_argument("--target", required=True, help="medical images (same forms)")
+    cp.add_argument("--layer", default="pre_logits", help="feature layer (default pre_logits)")
+    add_stats_options(cp)
+    for action in cp._actions:  # the paired test is the point of `compare`: on by default
+        if action.dest == "permutations":
+            action.default = 200
+            action.help = ("paired permutations for the change, and relabellings for each "
+                           "backbone's equal-distribution test (default 200; 0: none)")
+    cp.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                    help="write the layer x layer CKA heatmap here")
+    cp.set_defaults(func=_compare_command)
     return parser
 
 

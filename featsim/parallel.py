@@ -17,7 +17,18 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["DATA_AXIS", "data_parallel", "device_count", "local_mesh", "pad_batch"]
+__all__ = [
+    "DATA_AXIS",
+    "data_parallel",
+    "device_count",
+    "local_mesh",
+    "pad_batch",
+    "pmap",
+    "replicate",
+    "shard",
+    "unreplicate",
+    "unshard",
+]
 
 DATA_AXIS = "data"
 
@@ -80,3 +91,46 @@ def pad_batch(batch: np.ndarray, size: int) -> tuple[np.ndarray, int]:
         return batch, n
     pad = np.zeros((size - n, *batch.shape[1:]), batch.dtype)
     return np.concatenate([batch, pad]), n
+
+
+def pmap(fn, *, in_axes=0, donate_argnums=()):
+    """``jax.pmap(fn)`` over the local devices with the axis name :data:`DATA_AXIS`."""
+    return jax.pmap(fn, axis_name=DATA_AXIS, in_axes=in_axes, donate_argnums=donate_argnums)
+
+
+def replicate(tree, devices=None):
+    """A copy of ``tree`` on every device (leading axis = device), as ``pmap`` expects.
+
+    (``jax.device_put_replicated`` is deprecated since JAX 0.8: this is its drop-in.)
+    """
+    devices = list(devices or jax.local_devices())
+    sharding = NamedSharding(Mesh(np.array(devices), (DATA_AXIS,)), PartitionSpec(DATA_AXIS))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.device_put(np.broadcast_to(x[None], (len(devices), *x.shape)), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def unreplicate(tree):
+    """The first device's copy of a replicated ``tree``, as host numpy arrays."""
+    return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+
+def shard(tree):
+    """Splits the leading axis ``n`` of every leaf into ``[devices, n / devices]``."""
+    n = device_count()
+
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"leading axis {x.shape[0]} is not a multiple of {n} devices")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return jax.tree.map(split, tree)
+
+
+def unshard(x) -> np.ndarray:
+    """``[devices, b, ...]`` -> ``[devices * b, ...]`` on the host."""
+    x = np.asarray(x)
+    return x.reshape(-1, *x.shape[2:])

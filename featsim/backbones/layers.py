@@ -309,7 +309,7 @@ def max_pool(
     kernel, strides, pads, (oh, ow) = _pool_geometry(x, kernel_size, stride, padding, ceil_mode)
     y = lax.reduce_window(
         x,
-        jnp.array(-jnp.inf, x.dtype),
+        np.array(-np.inf, x.dtype),  # concrete: JAX then uses its differentiable max pool
         lax.max,
         (1, *kernel, 1),
         (1, *strides, 1),
@@ -342,7 +342,7 @@ def avg_pool(
     """
     kernel, strides, pads, (oh, ow) = _pool_geometry(x, kernel_size, stride, padding, ceil_mode)
     window = ((1, *kernel, 1), (1, *strides, 1))
-    total = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, *window, ((0, 0), *pads, (0, 0)))
+    total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, *window, ((0, 0), *pads, (0, 0)))
     # The divisor depends only on the geometry: count the positions that PyTorch counts.
     counted = []
     for size, (lo, hi) in zip(x.shape[1:3], pads, strict=True):
@@ -352,7 +352,7 @@ def avg_pool(
         counted.append(line)
     mask = np.outer(*counted)[None, :, :, None]
     divisor = lax.reduce_window(
-        jnp.asarray(mask), jnp.array(0, jnp.float32), lax.add, *window, "VALID"
+        jnp.asarray(mask), np.array(0, np.float32), lax.add, *window, "VALID"
     )
     y = total / divisor.astype(x.dtype)
     return y[:, :oh, :ow, :]

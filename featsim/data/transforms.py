@@ -234,6 +234,11 @@ class Transform:
             out[..., c] = window if scale is None else window * scale[c] + offset[c]
         return out
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``(scale, offset)`` ``[3]``: network input = pixels * scale + offset."""
+        scale, offset = self._scaling().affine()
+        return scale.astype(np.float32), offset.astype(np.float32)
+
     def _scaling(self) -> Preprocessing:
         if self.normalization == "backbone":
             return self.preprocessing

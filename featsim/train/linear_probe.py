@@ -1,0 +1,170 @@
+"""The fast path of ``linear`` without augmentation: train the head on cached features.
+
+With a frozen body in inference mode and no augmentation, the body maps each image to the
+same ``pre_logits`` vector in every epoch, so the end-to-end loop recomputes one fixed
+function. Here the features come once from the pipeline's content-keyed cache
+(:func:`featsim.features.extract_features`) and the head (one linear layer: logits =
+features @ W + b) trains on them with the same initial head, batches, loss, optimiser and
+metrics as the end-to-end path: 20 epochs over 5,216 feature vectors take seconds.
+A self-check at start-up compares the head's logits with the full model's on real images.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+import featsim
+from featsim.backbones.registry import Backbone, get_backbone, load_pretrained
+from featsim.data.transforms import Transform
+from featsim.features.extract import extract_features
+from featsim.train import strategies
+from featsim.train.config import TrainConfig
+from featsim.train.data import batches
+from featsim.train.evaluation import classification_metrics
+from featsim.train.losses import class_weights as balanced_class_weights
+from featsim.train.steps import example_losses, probabilities
+
+__all__ = ["head_layer", "train_linear_probe"]
+
+
+def head_layer(backbone: Backbone, variables) -> tuple[tuple[str, ...], str, str]:
+    """``(module path, kernel name, bias name)`` of the single linear classifier that maps
+    ``pre_logits`` to the logits; ValueError if the head is anything else."""
+    stages = strategies.leaf_stages(backbone.module, variables, backbone.input_shape)
+    params = [k for k, s in stages.items() if s == strategies.HEAD and k[0] == "params"]
+    kernels = [k for k in params if k[-1] == "kernel"]
+    if len(kernels) != 1:
+        raise ValueError(f"the fast linear path needs one linear classifier head; "
+                         f"{backbone.name}'s head has kernels {kernels}")
+    path = kernels[0][1:-1]
+    return path, "kernel", "bias"
+
+
+def _head_params(variables, path):
+    node = variables["params"]
+    for name in path:
+        node = node[name]
+    kernel = np.asarray(node["kernel"])
+    kernel = kernel.reshape(-1, kernel.shape[-1])  # a 1x1 conv head is a linear layer too
+    return {"kernel": kernel, "bias": np.asarray(node["bias"])}
+
+
+def _set_head(variables, path, head):
+    flat = traverse_util.flatten_dict(variables)
+    for name in ("kernel", "bias"):
+        key = ("params", *path, name)
+        flat[key] = np.asarray(head[name]).reshape(np.shape(flat[key]))
+    return traverse_util.unflatten_dict(flat)
+
+
+def train_linear_probe(config: TrainConfig, workdir, *, train, test, weights=None,
+                       progress: bool = True, data_dir=None, cache_dir=None) -> dict:
+    """:func:`~featsim.train.train_and_evaluate` for ``linear`` without augmentation."""
+    from featsim.train.loop import _initial_variables, _save_json, _write_history
+
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.val_fraction:
+        raise ValueError("the cached-feature linear path has no validation split yet; use "
+                         "val_fraction=0 or enable augmentation (end-to-end path)")
+    probe = get_backbone(config.backbone, num_classes=None)
+    transform = Transform.for_backbone(probe.preprocessing, config.normalization)
+    rng = jax.random.key(config.seed)
+    init_key, data_key, _ = jax.random.split(rng, 3)
+
+    # Features of the pretrained body (the cache makes reruns free).
+    body = load_pretrained(probe, path=weights, skip_head=True)
+    feats = {name: extract_features(body, src, transform=transform, progress=progress,
+                                    data_dir=data_dir, cache_dir=cache_dir,
+                                    batch_size=config.batch_size)
+             for name, src in (("train", train), ("test", test))}
+    labels = {name: f.labels.astype(np.int32) for name, f in feats.items()}
+    if any(lab is None or (lab < 0).any() for lab in labels.values()):
+        raise ValueError("training needs labels on every item of train and test")
+    num_classes = max(len(feats["train"].class_names), int(labels["train"].max()) + 1)
+    head_size = 1 if num_classes == 2 else num_classes
+    backbone, variables = _initial_variables(config, head_size, init_key, weights)
+    path, _, _ = head_layer(backbone, variables)
+    head = _head_params(variables, path)
+    x = {name: f["pre_logits"] for name, f in feats.items()}
+
+    weights_c = (balanced_class_weights(labels["train"], num_classes)
+                 if config.class_weighting == "balanced" else np.ones(num_classes, np.float32))
+    weights_c = jnp.asarray(weights_c)
+    from featsim.train.loop import _schedule
+
+    steps_per_epoch = math.ceil(len(x["train"]) / config.batch_size)
+    tx = strategies.make_optimizer({"kernel": "head", "bias": "head"},
+                                   _schedule(config, steps_per_epoch),
+                                   body_lr_scale=config.body_lr_scale,
+                                   weight_decay=config.weight_decay)
+    opt_state = tx.init(head)
+
+    def logits_of(h, f):
+        return f @ h["kernel"] + h["bias"]
+
+    @jax.jit
+    def step(h, opt_state, f, y, mask):
+        def loss_fn(h):
+            losses = example_losses(logits_of(h, f), y, weights_c)
+            return jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(h)
+        updates, opt_state = tx.update(grads, opt_state, h)
+        h = jax.tree.map(lambda p, u: p + u, h, updates)
+        return h, opt_state, loss * mask.sum()
+
+    @jax.jit
+    def predict(h, f, y):
+        logits = logits_of(h, f)
+        return example_losses(logits, y, weights_c), probabilities(logits)
+
+    def evaluate(h, name):
+        losses, probs = predict(h, x[name], labels[name])
+        return classification_metrics(labels[name], np.asarray(probs),
+                                      num_classes=num_classes,
+                                      loss=float(np.mean(np.asarray(losses))))
+
+    history = []
+    for epoch in range(config.epochs):
+        t0 = time.perf_counter()
+        loss_sum, probs, seen = 0.0, [], []
+        epoch_key = jax.random.fold_in(data_key, epoch)
+        for index, mask in batches(len(x["train"]), config.batch_size,
+                                   shuffle_key=epoch_key):
+            f, y = x["train"][index], labels["train"][index]
+            logits_before = logits_of(head, f)
+            head, opt_state, loss = step(head, opt_state, f, y, mask)
+            loss_sum += float(loss)
+            probs.append(np.asarray(probabilities(logits_before)))
+            seen.append(index)
+        row = {"epoch": epoch + 1}
+        row.update({f"train_{k}": v for k, v in classification_metrics(
+            labels["train"][np.concatenate(seen)], np.concatenate(probs),
+            num_classes=num_classes, loss=loss_sum / len(x["train"])).items()})
+        row.update({f"test_{k}": v for k, v in evaluate(head, "test").items()})
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+    _write_history(workdir, history)
+    (workdir / "config.json").write_text(config.to_json() + "\n")
+    final = _set_head(variables, path, jax.tree.map(np.asarray, head))
+    from featsim.backbones.weights import save_variables
+
+    save_variables(workdir / "model.msgpack", final, metadata={
+        "backbone": config.backbone, "num_classes": str(head_size),
+        "strategy": config.strategy, "config": config.to_json()})
+    result = {f"test_{k}": v for k, v in evaluate(head, "test").items()}
+    result.update(epoch=config.epochs, epochs_run=config.epochs, n_train=len(x["train"]),
+                  n_val=0, n_test=len(x["test"]), seconds=time.perf_counter() - started,
+                  devices=1, path="cached_features", config=config.to_dict(),
+                  featsim_version=featsim.__version__)
+    _save_json(workdir / "metrics.json", result)
+    return result

@@ -1,0 +1,304 @@
+"""``train_and_evaluate(config, workdir, ...)``: one training run, resumable, with history.
+
+Writes into ``workdir``: ``config.json``; ``checkpoint.msgpack`` after every epoch (atomic;
+``resume=True`` continues from it to the same final result as an uninterrupted run);
+``history.json`` and ``history.csv`` (loss, accuracy, precision, recall, F1, G-mean,
+specificity, ROC AUC, ECE on train, validation and test per epoch); ``model.msgpack`` (the
+final variables, loadable by ``featsim compare`` and ``featsim distance --weights``); and
+``metrics.json`` (the final model's test metrics as ``test_<name>``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from flax import serialization, traverse_util
+from tqdm.auto import tqdm
+
+import featsim
+from featsim import parallel
+from featsim.backbones.registry import get_backbone, load_pretrained
+from featsim.backbones.weights import save_variables
+from featsim.data.transforms import Transform
+from featsim.train import strategies
+from featsim.train.config import TrainConfig
+from featsim.train.data import Dataset, batches, load_dataset, split_validation
+from featsim.train.evaluation import classification_metrics, summarize_runs
+from featsim.train.losses import class_weights as balanced_class_weights
+from featsim.train.steps import StepConfig, TrainState, make_eval_step, make_train_step
+
+__all__ = ["create_train_state", "evaluate", "run_seeds", "train_and_evaluate"]
+
+
+def _schedule(config: TrainConfig, steps_per_epoch: int):
+    total = config.epochs * steps_per_epoch
+    lr = config.learning_rate
+    if config.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(1, total))
+    else:
+        main = optax.piecewise_constant_schedule(lr, {int(total * 0.5): 0.1,
+                                                      int(total * 0.75): 0.1})
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def _initial_variables(config: TrainConfig, num_classes: int, rng, weights):
+    """Pretrained (new head), random (scratch) or Mean Var variables, as numpy."""
+    backbone = get_backbone(config.backbone, num_classes=num_classes)
+    head_key, init_key = jax.random.split(rng)
+    if config.strategy == "scratch":
+        return backbone, jax.tree.map(np.asarray, backbone.init(init_key))
+    pretrained = load_pretrained(backbone, path=weights, skip_head=True, rng=head_key)
+    variables = pretrained.variables
+    if config.strategy == "meanvar":
+        variables = dict(variables, params=strategies.meanvar_init(variables["params"],
+                                                                   init_key))
+        if "batch_stats" in variables:  # they described the pretrained activations
+            fresh = jax.tree.map(np.asarray, backbone.init(init_key))["batch_stats"]
+            variables["batch_stats"] = fresh
+    return pretrained, variables
+
+
+def create_train_state(config: TrainConfig, num_classes: int, steps_per_epoch: int, rng, *,
+                       weights=None):
+    """The initial :class:`TrainState` and the static :class:`StepConfig` of a run."""
+    backbone, variables = _initial_variables(config, num_classes, rng, weights)
+    module = get_backbone(config.backbone, num_classes=num_classes,
+                          bn_axis_name=parallel.DATA_AXIS).module
+    stages = strategies.leaf_stages(backbone.module, variables, backbone.input_shape)
+    labels = strategies.strategy_labels(stages, config.strategy,
+                                        partial_stages=config.partial_stages)
+    param_labels = traverse_util.unflatten_dict(
+        {k[1:]: v for k, v in labels.items() if k[0] == "params"})
+    tx = strategies.make_optimizer(param_labels, _schedule(config, steps_per_epoch),
+                                   body_lr_scale=config.body_lr_scale,
+                                   weight_decay=config.weight_decay)
+    state = TrainState.create(apply_fn=module.apply, params=variables["params"], tx=tx,
+                              batch_stats=variables.get("batch_stats"))
+    frozen = {k for k, v in labels.items() if v == "frozen"}
+    transform = Transform.for_backbone(backbone.preprocessing, config.normalization)
+    scale, offset = transform.affine()
+    step_config = StepConfig(
+        module=module,
+        frozen_params=frozenset(k[1:] for k in frozen if k[0] == "params"),
+        frozen_stats=frozenset(k[1:] for k in frozen if k[0] == "batch_stats"),
+        body_train_mode=config.strategy != "linear",
+        augment=config.augment,
+        scale=tuple(float(v) for v in scale),
+        offset=tuple(float(v) for v in offset),
+        axis_name=parallel.DATA_AXIS,
+    )
+    return state, step_config, backbone, transform
+
+
+def _batch(dataset: Dataset, index, mask):
+    return {"images": dataset.images[index], "labels": dataset.labels[index], "mask": mask}
+
+
+def evaluate(p_eval_step, state, dataset: Dataset, batch_size: int) -> dict:
+    """Loss and every classification metric of ``state`` on ``dataset`` (inference mode)."""
+    loss_sum, count, probs = 0.0, 0.0, []
+    for index, mask in batches(len(dataset), batch_size, n_devices=parallel.device_count()):
+        out = p_eval_step(state, parallel.shard(_batch(dataset, index, mask)))
+        loss_sum += float(np.asarray(out["loss_sum"])[0])
+        count += float(np.asarray(out["count"])[0])
+        probs.append(parallel.unshard(out["probs"])[mask > 0])
+    loss = loss_sum / count
+    return classification_metrics(dataset.labels, np.concatenate(probs),
+                                  num_classes=dataset.num_classes, loss=loss)
+
+
+def _save_json(path: Path, value) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(path: Path, state, epoch: int, history, best) -> None:
+    payload = {"state": serialization.to_state_dict(parallel.unreplicate(state)),
+               "epoch": epoch, "history": json.dumps(history), "best": json.dumps(best)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(serialization.msgpack_serialize(payload))
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, state):
+    payload = serialization.msgpack_restore(path.read_bytes())
+    restored = serialization.from_state_dict(state, payload["state"])
+    return restored, int(payload["epoch"]), json.loads(payload["history"]), json.loads(
+        payload["best"])
+
+
+def _write_history(workdir: Path, history: list[dict]) -> None:
+    _save_json(workdir / "history.json", history)
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with open(workdir / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str | os.PathLike,
+    *,
+    train: Dataset | str,
+    test: Dataset | str,
+    weights: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    data_dir=None,
+    fast_linear: bool = True,
+) -> dict:
+    """Trains ``config.backbone`` on ``train``, evaluating on validation and ``test`` each
+    epoch; returns the final model's test metrics (also written to ``metrics.json``).
+
+    Args:
+        config: the run's hyperparameters.
+        workdir: output folder (created).
+        train, test: labelled :class:`~featsim.train.data.Dataset` or source specs (e.g.
+            ``"chest_xray:train"``, ``"chest_xray:test"``).
+        weights: pretrained checkpoint instead of the registered one.
+        resume: continue from ``workdir/checkpoint.msgpack`` if present.
+        fast_linear: ``linear`` without augmentation trains the head on cached features
+            (:mod:`featsim.train.linear_probe`); False runs the end-to-end loop instead.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.uses_cached_features and fast_linear:
+        from featsim.train.linear_probe import train_linear_probe
+
+        return train_linear_probe(config, workdir, train=train, test=test, weights=weights,
+                                  progress=progress, data_dir=data_dir)
+    started = time.perf_counter()
+    ndev = parallel.device_count()
+    batch_size = -(-config.batch_size // ndev) * ndev
+    probe = get_backbone(config.backbone, num_classes=None)
+    transform = Transform.for_backbone(probe.preprocessing, config.normalization)
+    if not isinstance(train, Dataset):
+        train = load_dataset(train, transform, dtype=config.image_dtype, data_dir=data_dir)
+    if not isinstance(test, Dataset):
+        test = load_dataset(test, transform, dtype=config.image_dtype, data_dir=data_dir)
+    val = None
+    if config.val_fraction:
+        train, val = split_validation(train, config.val_fraction, config.seed)
+    num_classes = train.num_classes
+    head = 1 if num_classes == 2 else num_classes
+    weights_c = (balanced_class_weights(train.labels, num_classes)
+                 if config.class_weighting == "balanced" else np.ones(num_classes, np.float32))
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    rng = jax.random.key(config.seed)
+    init_key, data_key, step_key = jax.random.split(rng, 3)
+    state, step_config, _, _ = create_train_state(config, head, steps_per_epoch, init_key,
+                                                  weights=weights)
+    (workdir / "config.json").write_text(config.to_json() + "\n")
+    p_train = parallel.pmap(make_train_step(step_config, weights_c), in_axes=(0, 0, None))
+    p_eval = parallel.pmap(make_eval_step(step_config, weights_c))
+    state = parallel.replicate(state)
+    history: list[dict] = []
+    best = {"epoch": None, "val_loss": None}
+    start_epoch = 0
+    checkpoint = workdir / "checkpoint.msgpack"
+    if resume and checkpoint.exists():
+        host_state, start_epoch, history, best = _load_checkpoint(
+            checkpoint, parallel.unreplicate(state))
+        state = parallel.replicate(host_state)
+    bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"{config.backbone} "
+               f"{config.strategy}", unit="epoch", disable=not progress)
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        loss_sum, count, probs, seen = 0.0, 0.0, [], []
+        epoch_key = jax.random.fold_in(data_key, epoch)
+        for i, (index, mask) in enumerate(batches(len(train), batch_size, n_devices=ndev,
+                                                  shuffle_key=epoch_key)):
+            key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), i)
+            state, out = p_train(state, parallel.shard(_batch(train, index, mask)), key)
+            loss_sum += float(np.asarray(out["loss_sum"])[0])
+            count += float(np.asarray(out["count"])[0])
+            probs.append(parallel.unshard(out["probs"])[mask > 0])
+            seen.append(index[mask > 0])
+        row = {"epoch": epoch + 1}
+        train_metrics = classification_metrics(
+            train.labels[np.concatenate(seen)], np.concatenate(probs),
+            num_classes=num_classes, loss=loss_sum / count)
+        row.update({f"train_{k}": v for k, v in train_metrics.items()})
+        if val is not None:
+            row.update({f"val_{k}": v for k, v in evaluate(p_eval, state, val,
+                                                           batch_size).items()})
+        row.update({f"test_{k}": v for k, v in evaluate(p_eval, state, test,
+                                                        batch_size).items()})
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        stop = False
+        if val is not None:
+            if best["val_loss"] is None or row["val_loss"] < best["val_loss"]:
+                best = {"epoch": epoch + 1, "val_loss": row["val_loss"]}
+                _save_model(workdir / "best_model.msgpack", state, config, head)
+            elif (config.early_stopping_patience is not None
+                  and epoch + 1 - best["epoch"] >= config.early_stopping_patience):
+                stop = True
+        _save_checkpoint(checkpoint, state, epoch + 1, history, best)
+        _write_history(workdir, history)
+        bar.update(1)
+        if stop:
+            break
+    bar.close()
+    final = state
+    chosen_epoch = history[-1]["epoch"]
+    if config.early_stopping_patience is not None and best["epoch"] is not None:
+        chosen_epoch = best["epoch"]
+        host = _load_model_into(workdir / "best_model.msgpack", parallel.unreplicate(state))
+        final = parallel.replicate(host)
+    test_metrics = evaluate(p_eval, final, test, batch_size)
+    _save_model(workdir / "model.msgpack", final, config, head)
+    result = {f"test_{k}": v for k, v in test_metrics.items()}
+    result.update(epoch=chosen_epoch, epochs_run=len(history), n_train=len(train),
+                  n_val=0 if val is None else len(val), n_test=len(test),
+                  seconds=time.perf_counter() - started, devices=ndev,
+                  config=config.to_dict(), featsim_version=featsim.__version__)
+    _save_json(workdir / "metrics.json", result)
+    return result
+
+
+def _save_model(path: Path, state, config: TrainConfig, num_classes: int) -> None:
+    host = parallel.unreplicate(state)
+    variables = {"params": host.params}
+    if host.batch_stats is not None:
+        variables["batch_stats"] = host.batch_stats
+    save_variables(path, variables, metadata={
+        "backbone": config.backbone, "num_classes": str(num_classes),
+        "strategy": config.strategy, "config": config.to_json()})
+
+
+def _load_model_into(path: Path, state):
+    from featsim.backbones.weights import load_variables
+
+    variables = load_variables(path)
+    return state.replace(params=variables["params"],
+                         batch_stats=variables.get("batch_stats", state.batch_stats))
+
+
+def run_seeds(config: TrainConfig, seeds, workdir, **kwargs) -> dict:
+    """Runs ``config`` once per seed in ``workdir/seed_<s>/`` and writes ``summary.json``
+    with the mean and std (ddof=1) of every test metric."""
+    workdir = Path(workdir)
+    runs = [train_and_evaluate(dataclasses.replace(config, seed=int(s)),
+                               workdir / f"seed_{s}", **kwargs) for s in seeds]
+    numeric = [{k: v for k, v in r.items() if k.startswith("test_")} for r in runs]
+    summary = {"seeds": list(seeds), "summary": summarize_runs(numeric), "runs": runs}
+    workdir.mkdir(parents=True, exist_ok=True)
+    _save_json(workdir / "summary.json", summary)
+    return summary

@@ -1,0 +1,416 @@
+"""featsim.train.evaluation against scikit-learn and hand-computed references."""
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    multilabel_confusion_matrix,
+    precision_recall_fscore_support,
+    recall_score,
+    roc_auc_score,
+)
+
+from featsim.train.evaluation import (
+    BINARY_METRIC_KEYS,
+    MULTICLASS_METRIC_KEYS,
+    PROB_SUM_ATOL,
+    RELIABILITY_KEYS,
+    UndefinedMetricWarning,
+    classification_metrics,
+    plot_reliability,
+    reliability_diagram,
+    summarize_runs,
+)
+
+
+def _naive_ece(labels, probs, n_bins):
+    """Guo et al. (2017) eq. 3 with an explicit loop over bins (lo, hi]."""
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim == 1:
+        probs = np.stack([1.0 - probs, probs], axis=1)
+    pred = probs.argmax(axis=1)
+    conf = probs.max(axis=1)
+    correct = pred == np.asarray(labels)
+    ece = 0.0
+    for m in range(n_bins):
+        lo, hi = m / n_bins, (m + 1) / n_bins
+        in_bin = (conf > lo) & (conf <= hi) if m else (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return ece
+
+
+def _binary_data(n=300, seed=0, pos_rate=0.65):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < pos_rate).astype(np.int64)
+    # Informative but imperfect scores, squashed into (0, 1).
+    logits = 1.5 * (2 * labels - 1) + rng.normal(0.0, 1.5, n)
+    return labels, 1.0 / (1.0 + np.exp(-logits))
+
+
+def _multiclass_data(n=400, c=4, seed=1):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, n)
+    logits = rng.normal(0.0, 1.0, (n, c))
+    logits[np.arange(n), labels] += 1.2
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return labels, probs / probs.sum(axis=1, keepdims=True)
+
+
+def _quiet(fn, *args, **kwargs):
+    """Calls fn, failing on any warning (defined metrics must not warn)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# Binary
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.8])
+def test_binary_matches_sklearn(threshold):
+    labels, p = _binary_data()
+    m = _quiet(classification_metrics, labels, p, threshold=threshold)
+    assert tuple(m) == BINARY_METRIC_KEYS
+    pred = (p > threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, pred, labels=[0, 1]).ravel()
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (tp, fp, tn, fn)
+    assert all(type(m[k]) is int for k in ("tp", "fp", "tn", "fn"))
+    prec, rec, f1, _ = precision_recall_fscore_support(
+        labels, pred, average="binary", zero_division=0
+    )
+    spec = recall_score(labels, pred, pos_label=0)
+    np.testing.assert_allclose(m["accuracy"], accuracy_score(labels, pred), rtol=1e-12)
+    np.testing.assert_allclose(m["precision"], prec, rtol=1e-12)
+    np.testing.assert_allclose(m["recall"], rec, rtol=1e-12)
+    np.testing.assert_allclose(m["specificity"], spec, rtol=1e-12)
+    np.testing.assert_allclose(m["f1"], f1, rtol=1e-12)
+    np.testing.assert_allclose(m["g_mean"], math.sqrt(rec * spec), rtol=1e-12)
+    np.testing.assert_allclose(m["roc_auc"], roc_auc_score(labels, p), rtol=1e-12)
+    np.testing.assert_allclose(m["ece"], _naive_ece(labels, p, 15), rtol=1e-12)
+    assert all(isinstance(v, float) for k, v in m.items() if k not in ("tp", "fp", "tn", "fn"))
+
+
+def test_binary_input_shapes_agree():
+    labels, p = _binary_data(seed=3)
+    ref = classification_metrics(labels, p)
+    two_col = classification_metrics(labels, np.stack([1 - p, p], axis=1), num_classes=2)
+    one_col = classification_metrics(labels, p[:, None])
+    assert two_col == pytest.approx(ref, rel=1e-12)
+    assert one_col == ref
+
+
+def test_jax_float32_inputs():
+    labels, p = _binary_data(seed=4)
+    p32 = jax.nn.sigmoid(jnp.asarray(np.log(p / (1 - p)), jnp.float32))  # a float32 head
+    m = classification_metrics(jnp.asarray(labels, jnp.int32), p32, loss=jnp.float32(0.25))
+    p_host = np.asarray(p32, np.float64)
+    np.testing.assert_allclose(m["roc_auc"], roc_auc_score(labels, p_host), rtol=1e-12)
+    assert m["loss"] == 0.25 and type(m["loss"]) is float
+    assert tuple(m) == (*BINARY_METRIC_KEYS, "loss")
+
+
+def test_float_and_bool_labels_accepted():
+    labels, p = _binary_data(n=50, seed=5)
+    ref = classification_metrics(labels, p)
+    assert classification_metrics(labels.astype(np.float32), p) == ref
+    assert classification_metrics(labels.astype(bool), p) == ref
+
+
+def test_auc_ties_match_sklearn():
+    labels, p = _binary_data(n=500, seed=6)
+    coarse = np.round(p, 1)  # ~11 distinct scores: many ties inside and across classes
+    m = classification_metrics(labels, coarse)
+    np.testing.assert_allclose(m["roc_auc"], roc_auc_score(labels, coarse), rtol=1e-12)
+    # All scores equal: every positive-negative pair is a tie, worth one half.
+    assert classification_metrics([0, 1, 1, 0], [0.3] * 4)["roc_auc"] == 0.5
+    # Hand example: pairs (pos, neg) = (0.8>0.4), (0.8>0.2), (0.4=0.4 -> 1/2), (0.4>0.2).
+    assert classification_metrics([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.2])["roc_auc"] == 0.875
+
+
+def test_binary_perfect_predictions():
+    labels = np.array([0, 1, 1, 0, 1])
+    m = _quiet(classification_metrics, labels, labels.astype(float))
+    for k in ("accuracy", "precision", "recall", "specificity", "f1", "g_mean", "roc_auc"):
+        assert m[k] == 1.0, k
+    assert m["ece"] == 0.0
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 0, 2, 0)
+
+
+def test_no_predicted_positives_is_zero_not_warning():
+    labels = np.array([0, 1, 1, 0])
+    probs = np.array([0.1, 0.4, 0.3, 0.2])  # all below 0.5
+    m = _quiet(classification_metrics, labels, probs)
+    prec, rec, f1, _ = precision_recall_fscore_support(
+        labels, np.zeros(4, int), average="binary", zero_division=0
+    )
+    assert m["precision"] == prec == 0.0
+    assert m["recall"] == rec == 0.0
+    assert m["f1"] == f1 == 0.0
+    assert m["specificity"] == 1.0
+    assert m["g_mean"] == 0.0
+    assert m["roc_auc"] == 1.0  # the ranking is still perfect
+
+
+def test_single_class_auc_is_nan_with_warning():
+    labels = np.ones(6, int)
+    probs = np.array([0.9, 0.2, 0.7, 0.6, 0.4, 0.8])
+    with pytest.warns(UndefinedMetricWarning, match="only class 1 is present"):
+        m = classification_metrics(labels, probs)
+    assert math.isnan(m["roc_auc"])
+    # Zero-division conventions for the absent negative class.
+    assert m["specificity"] == 0.0 and m["g_mean"] == 0.0
+    assert m["tn"] == m["fp"] == 0
+    assert m["recall"] == pytest.approx(4 / 6) and m["precision"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ref = roc_auc_score(labels, probs)
+        except ValueError:  # older scikit-learn raised instead of returning NaN
+            ref = math.nan
+    assert math.isnan(ref)
+    with pytest.warns(UndefinedMetricWarning, match="only class 0 is present"):
+        m0 = classification_metrics(np.zeros(3, int), [0.1, 0.2, 0.9])
+    assert m0["recall"] == 0.0 and m0["precision"] == 0.0 and m0["f1"] == 0.0
+
+
+def test_ece_hand_computed():
+    # conf = max(p, 1-p) = [0.9, 0.8, 0.7, 0.6]; predicted [1, 1, 0, 1]; correct [T, F, T, T].
+    # Bins of width 0.2: (0.4, 0.6] {0.6: T}, (0.6, 0.8] {0.8: F, 0.7: T}, (0.8, 1] {0.9: T}.
+    # ECE = 1/4 |1 - 0.6| + 2/4 |0.5 - 0.75| + 1/4 |1 - 0.9| = 0.1 + 0.125 + 0.025 = 0.25.
+    labels = [1, 0, 0, 1]
+    probs = [0.9, 0.8, 0.3, 0.6]
+    m = classification_metrics(labels, probs, n_bins=5)
+    assert m["ece"] == pytest.approx(0.25, abs=1e-15)
+    d = reliability_diagram(labels, probs, n_bins=5)
+    assert tuple(d) == RELIABILITY_KEYS
+    np.testing.assert_allclose(d["bin_edges"], [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert d["count"].tolist() == [0, 0, 1, 2, 1]
+    np.testing.assert_allclose(d["confidence"], [np.nan, np.nan, 0.6, 0.75, 0.9])
+    np.testing.assert_allclose(d["accuracy"], [np.nan, np.nan, 1.0, 0.5, 1.0])
+    assert d["ece"] == pytest.approx(0.25, abs=1e-15)
+    # One bin: |mean accuracy - mean confidence| = |0.75 - 0.75| = 0.
+    assert classification_metrics(labels, probs, n_bins=1)["ece"] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_ece_ignores_threshold():
+    labels, p = _binary_data(n=100, seed=7)
+    assert (
+        classification_metrics(labels, p, threshold=0.2)["ece"]
+        == classification_metrics(labels, p)["ece"]
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-class
+# ------------------------------------------------------------------------------------------
+
+
+def test_multiclass_matches_sklearn():
+    labels, probs = _multiclass_data()
+    c = probs.shape[1]
+    m = _quiet(classification_metrics, labels, probs, num_classes=c)
+    assert tuple(m) == MULTICLASS_METRIC_KEYS
+    pred = probs.argmax(axis=1)
+    np.testing.assert_allclose(m["accuracy"], accuracy_score(labels, pred), rtol=1e-12)
+    for avg in ("macro", "micro"):
+        prec, rec, f1, _ = precision_recall_fscore_support(
+            labels, pred, labels=range(c), average=avg, zero_division=0
+        )
+        np.testing.assert_allclose(m[f"precision_{avg}"], prec, rtol=1e-12)
+        np.testing.assert_allclose(m[f"recall_{avg}"], rec, rtol=1e-12)
+        np.testing.assert_allclose(m[f"f1_{avg}"], f1, rtol=1e-12)
+    mcm = multilabel_confusion_matrix(labels, pred, labels=range(c))  # [[tn, fp], [fn, tp]]
+    spec = mcm[:, 0, 0] / (mcm[:, 0, 0] + mcm[:, 0, 1])
+    np.testing.assert_allclose(m["specificity_macro"], spec.mean(), rtol=1e-12)
+    per_class_recall = recall_score(labels, pred, labels=range(c), average=None)
+    np.testing.assert_allclose(m["g_mean"], np.prod(per_class_recall) ** (1 / c), rtol=1e-12)
+    np.testing.assert_allclose(
+        m["roc_auc_macro"],
+        roc_auc_score(labels, probs, multi_class="ovr", average="macro"),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(m["ece"], _naive_ece(labels, probs, 15), rtol=1e-12)
+
+
+def test_multiclass_ties_match_sklearn():
+    labels, probs = _multiclass_data(n=300, seed=2)
+    coarse = np.round(probs, 1)
+    coarse /= coarse.sum(axis=1, keepdims=True)
+    m = classification_metrics(labels, coarse)
+    ref = roc_auc_score(labels, coarse, multi_class="ovr", average="macro")
+    np.testing.assert_allclose(m["roc_auc_macro"], ref, rtol=1e-12)
+
+
+def test_multiclass_perfect_predictions():
+    labels = np.array([0, 1, 2, 3, 2, 1])
+    m = _quiet(classification_metrics, labels, np.eye(4)[labels])
+    for k in MULTICLASS_METRIC_KEYS:
+        assert m[k] == (0.0 if k == "ece" else 1.0), k
+
+
+def test_multiclass_binary_g_mean_agree():
+    """For C = 2 the multi-class G-mean (root of per-class recalls) is sqrt(recall * spec)."""
+    labels, p = _binary_data(seed=8)
+    m = classification_metrics(labels, p)
+    pred = (p > 0.5).astype(int)
+    per_class = recall_score(labels, pred, average=None)
+    np.testing.assert_allclose(m["g_mean"], np.sqrt(np.prod(per_class)), rtol=1e-12)
+
+
+def test_multiclass_absent_class():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 40)  # class 3 never occurs
+    probs = rng.dirichlet(np.ones(4), 40)
+    with pytest.warns(UndefinedMetricWarning, match=r"classes \[3\] are absent"):
+        m = classification_metrics(labels, probs)
+    assert math.isnan(m["roc_auc_macro"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ref = roc_auc_score(labels, probs, multi_class="ovr", labels=range(4))
+        except ValueError:  # older scikit-learn raised instead of returning NaN
+            ref = math.nan
+    assert math.isnan(ref)
+    pred = probs.argmax(axis=1)
+    prec, rec, f1, _ = precision_recall_fscore_support(
+        labels, pred, labels=range(4), average="macro", zero_division=0
+    )
+    np.testing.assert_allclose(
+        [m["precision_macro"], m["recall_macro"], m["f1_macro"]], [prec, rec, f1], rtol=1e-12
+    )
+    assert m["g_mean"] == 0.0  # the absent class's recall is 0 by convention
+
+
+def test_multiclass_threshold_rejected():
+    labels, probs = _multiclass_data(n=10)
+    with pytest.raises(ValueError, match="argmax"):
+        classification_metrics(labels, probs, threshold=0.3)
+
+
+# ------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("labels", "probs", "kwargs", "match"),
+    [
+        ([0, 1, 1], [0.2, 0.8], {}, r"labels.shape == \(3,\) while probs.shape == \(2,\)"),
+        ([0, 2], [0.2, 0.8], {}, r"labels must lie in \[0, 2\).*e.g. 2"),
+        ([0, -1], [0.2, 0.8], {}, r"lie in \[0, 2\)"),
+        ([0, 0.5], [0.2, 0.8], {}, "class indices"),
+        ([0, 1], [0.2, 1.3], {}, "outside, min 0.2, max 1.3"),
+        ([0, 1], [-0.1, 0.8], {}, r"\[0, 1\] \(probabilities, not logits\)"),
+        ([0, 1], [np.nan, 0.8], {}, "1 NaN/inf"),
+        ([0, 1], [[0.2, 0.7], [0.5, 0.5]], {}, "row 0 sums to 0.9"),
+        ([0, 1, 2], [[0.2, 0.3, 0.4]] * 3, {}, "must sum to 1"),
+        ([0, 1], [0.2, 0.8], {"num_classes": 3}, "describe 2 classes"),
+        ([0, 1, 2], np.full((3, 3), 1 / 3), {"num_classes": 2}, "describe 3 classes"),
+        ([], np.zeros(0), {}, "at least one example"),
+        ([0, 1], np.zeros((2, 2, 2)), {}, "must have shape"),
+        ([0, 1], [0.2, 0.8], {"threshold": 1.5}, "threshold"),
+        ([0, 1], [0.2, 0.8], {"n_bins": 0}, "n_bins"),
+        ([0, 1], [0.2, 0.8], {"loss": "x"}, "loss"),
+    ],
+)
+def test_invalid_input(labels, probs, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        classification_metrics(labels, probs, **kwargs)
+
+
+def test_row_sum_tolerance():
+    probs = np.array([[0.3, 0.7 + PROB_SUM_ATOL / 2], [0.5, 0.5]])
+    classification_metrics([1, 0], probs)  # within tolerance: accepted
+
+
+# ------------------------------------------------------------------------------------------
+# Reliability diagram and plot
+# ------------------------------------------------------------------------------------------
+
+
+def test_reliability_diagram_multiclass():
+    labels, probs = _multiclass_data(n=200, seed=9)
+    d = reliability_diagram(labels, probs, n_bins=10)
+    assert d["bin_edges"].shape == (11,) and d["count"].shape == (10,)
+    assert d["count"].dtype == np.int64 and d["count"].sum() == 200
+    filled = d["count"] > 0
+    assert np.isnan(d["accuracy"][~filled]).all() and np.isnan(d["confidence"][~filled]).all()
+    # Mean confidence of each non-empty bin lies inside the bin.
+    lo, hi = d["bin_edges"][:-1][filled], d["bin_edges"][1:][filled]
+    assert np.all((d["confidence"][filled] > lo) & (d["confidence"][filled] <= hi))
+    assert d["ece"] == classification_metrics(labels, probs, n_bins=10)["ece"]
+    np.testing.assert_allclose(d["ece"], _naive_ece(labels, probs, 10), rtol=1e-12)
+
+
+def test_plot_reliability():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, p = _binary_data(n=100, seed=10)
+    d = reliability_diagram(labels, p, n_bins=10)
+    fig = plot_reliability(d)
+    try:
+        (ax,) = fig.axes
+        assert "Confidence" in ax.get_xlabel() and ax.get_ylabel() == "Accuracy"
+        assert f"ECE = {d['ece']:.3f}" in ax.get_title()
+        assert ax.get_xlim() == (0.0, 1.0)
+    finally:
+        plt.close(fig)
+    fig2, ax2 = plt.subplots()
+    try:
+        assert plot_reliability(d, ax=ax2) is fig2
+    finally:
+        plt.close(fig2)
+    with pytest.raises(KeyError, match="count"):
+        plot_reliability({k: v for k, v in d.items() if k != "count"})
+
+
+# ------------------------------------------------------------------------------------------
+# summarize_runs
+# ------------------------------------------------------------------------------------------
+
+
+def test_summarize_runs_mean_std():
+    runs = [classification_metrics(*_binary_data(n=80, seed=s)) for s in range(3)]
+    summary = _quiet(summarize_runs, runs)
+    assert tuple(summary) == BINARY_METRIC_KEYS
+    for key, (mean, std) in summary.items():
+        values = np.array([r[key] for r in runs], dtype=np.float64)
+        np.testing.assert_allclose(mean, values.mean(), rtol=1e-12)
+        np.testing.assert_allclose(std, values.std(ddof=1), rtol=1e-12, atol=1e-15)
+        assert type(mean) is float and type(std) is float
+
+
+def test_summarize_runs_nan_aware():
+    runs = [{"auc": 0.8, "acc": 0.5}, {"auc": math.nan, "acc": 0.6}, {"auc": 0.9, "acc": 0.7}]
+    with pytest.warns(UndefinedMetricWarning, match=r"'auc': 1 of 3"):
+        summary = summarize_runs(runs)
+    assert summary["auc"][0] == pytest.approx(0.85)
+    assert summary["auc"][1] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert summary["acc"] == pytest.approx((0.6, 0.1))
+
+
+def test_summarize_runs_degenerate():
+    one = _quiet(summarize_runs, [{"acc": 0.5}])
+    assert one["acc"][0] == 0.5 and math.isnan(one["acc"][1])
+    with pytest.warns(UndefinedMetricWarning):
+        none = summarize_runs([{"auc": math.nan}, {"auc": math.nan}])
+    assert all(math.isnan(v) for v in none["auc"])
+    with pytest.raises(ValueError, match="empty"):
+        summarize_runs([])
+    with pytest.raises(ValueError, match=r"runs\[1\] has different keys.*missing \['b'\]"):
+        summarize_runs([{"a": 1.0, "b": 2.0}, {"a": 1.0}])
+    with pytest.raises(ValueError, match="real number"):
+        summarize_runs([{"model": "resnet18"}])
+    with pytest.raises(ValueError, match="sequence"):
+        summarize_runs({"acc": 0.5})
