@@ -36,6 +36,10 @@ grayscale_prob              1.0                       paper 5.7 ("transformed th
 normalisation               mean 0.5, std 0.5         paper 5.7 (:data:`PAPER_NORMALIZATION`)
 ==========================  ========================  ======================================
 
+On gray X-rays (r = g = b) saturation and hue do nothing, and with ``grayscale_prob = 1``
+saturation only acts through clipping (gray is linear): brightness and contrast are what the
+paper's colour jitter can have done to its data.
+
 Semantics follow torchvision: ``RandomResizedCrop.get_params`` (area fraction uniform in
 ``crop_scale``, aspect ratio log-uniform in ``crop_ratio``, ``crop_attempts`` tries, then the
 centre-crop fallback; drawn here all at once and the first valid one kept), ``ColorJitter``
@@ -122,10 +126,8 @@ def normalization_from_mean_std(
     Raises:
         ValueError: if a std is not positive or mean/std do not have 1 or 3 values.
     """
-    mean = np.broadcast_to(np.asarray(mean, np.float64), (3,)) if np.ndim(mean) == 0 else (
-        np.asarray(mean, np.float64))
-    std = np.broadcast_to(np.asarray(std, np.float64), (3,)) if np.ndim(std) == 0 else (
-        np.asarray(std, np.float64))
+    mean, std = (np.asarray(v, np.float64) for v in (mean, std))
+    mean, std = (np.full(3, v) if v.ndim == 0 else v for v in (mean, std))
     if mean.shape != (3,) or std.shape != (3,):
         raise ValueError(f"mean and std need 1 or 3 values, got mean={mean!r}, std={std!r}")
     if np.any(std <= 0):
@@ -207,8 +209,15 @@ class AugmentConfig:
         # Store tuples and floats whatever was given (JSON gives lists), so the value hashes.
         for name in ("crop_scale", "crop_ratio", "rotation_degrees"):
             object.__setattr__(self, name, _pair(name, getattr(self, name)))
-        for name in ("brightness", "contrast", "saturation", "hue", "hflip_prob", "fill",
-                     "grayscale_prob"):
+        for name in (
+            "brightness",
+            "contrast",
+            "saturation",
+            "hue",
+            "hflip_prob",
+            "fill",
+            "grayscale_prob",
+        ):
             object.__setattr__(self, name, float(getattr(self, name)))
         if self.crop_scale[0] <= 0:
             raise ValueError(f"crop_scale must be positive, got {self.crop_scale!r}")
@@ -230,8 +239,9 @@ class AugmentConfig:
 
     def colour_ops(self) -> tuple[str, ...]:
         """Names of the enabled colour-jitter ops, in the fixed (non-random) order."""
-        return tuple(n for n in ("brightness", "contrast", "saturation", "hue")
-                     if getattr(self, n) > 0)
+        return tuple(
+            n for n in ("brightness", "contrast", "saturation", "hue") if getattr(self, n) > 0
+        )
 
 
 class AugmentParams(NamedTuple):
@@ -286,8 +296,9 @@ def _sample_crop(u, config: AugmentConfig, height: int, width: int):
     """
     n = config.crop_attempts
     area = height * width * _lerp(u[:n], *config.crop_scale)
-    aspect = jnp.exp(_lerp(u[n:2 * n], math.log(config.crop_ratio[0]),
-                           math.log(config.crop_ratio[1])))
+    aspect = jnp.exp(
+        _lerp(u[n : 2 * n], math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1]))
+    )
     # jnp.round rounds half to even, like Python's round() in torchvision.
     w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
     h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
@@ -330,10 +341,12 @@ def sample_params(key, config: AugmentConfig, *, image_size: tuple[int, int]) ->
         return _lerp(v, max(0.0, 1.0 - amount), 1.0 + amount)
 
     # argsort of i.i.d. uniforms is a uniformly random permutation (torch.randperm).
-    order = (jnp.argsort(u[n_crop + 7:]) if config.jitter_random_order
-             else jnp.arange(n_ops))
+    order = jnp.argsort(u[n_crop + 7 :]) if config.jitter_random_order else jnp.arange(n_ops)
     return AugmentParams(
-        top=top, left=left, height=h, width=w,
+        top=top,
+        left=left,
+        height=h,
+        width=w,
         flip=flip < config.hflip_prob,
         angle=_lerp(angle, *config.rotation_degrees),
         brightness=factor(ub, config.brightness),
@@ -341,7 +354,8 @@ def sample_params(key, config: AugmentConfig, *, image_size: tuple[int, int]) ->
         saturation=factor(us, config.saturation),
         hue=_lerp(uh, -config.hue, config.hue) if config.hue > 0 else jnp.float32(0.0),
         order=order.astype(jnp.int32),
-        grayscale=gray < config.grayscale_prob)
+        grayscale=gray < config.grayscale_prob,
+    )
 
 
 def _geometry(params: AugmentParams, output_size: int):
@@ -352,19 +366,23 @@ def _geometry(params: AugmentParams, output_size: int):
     cos, sin = jnp.cos(theta), jnp.sin(theta)
     # Inverse maps, output pixel -> source, as 3x3 matrices on (x, y, 1). Rotation by
     # +angle is counter-clockwise on screen (y down), about the pixel-centre midpoint.
-    rot = jnp.array([[cos, -sin, c - cos * c + sin * c],
-                     [sin, cos, c - sin * c - cos * c],
-                     [0.0, 0.0, 1.0]])
+    rot = jnp.array(
+        [[cos, -sin, c - cos * c + sin * c], [sin, cos, c - sin * c - cos * c], [0.0, 0.0, 1.0]]
+    )
     sign = jnp.where(params.flip, -1.0, 1.0)
-    flip = jnp.array([[sign, 0.0, jnp.where(params.flip, s - 1.0, 0.0)],
-                      [0.0, 1.0, 0.0],
-                      [0.0, 0.0, 1.0]])
+    flip = jnp.array(
+        [[sign, 0.0, jnp.where(params.flip, s - 1.0, 0.0)], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    )
     # torchvision's resize of the crop: half-pixel centres (align_corners=False).
     sx = params.width.astype(jnp.float32) / s
     sy = params.height.astype(jnp.float32) / s
-    crop = jnp.array([[sx, 0.0, params.left + 0.5 * sx - 0.5],
-                      [0.0, sy, params.top + 0.5 * sy - 0.5],
-                      [0.0, 0.0, 1.0]])
+    crop = jnp.array(
+        [
+            [sx, 0.0, params.left + 0.5 * sx - 0.5],
+            [0.0, sy, params.top + 0.5 * sy - 0.5],
+            [0.0, 0.0, 1.0],
+        ]
+    )
     # HIGHEST: a default-precision f32 matmul may run in TF32/bf16 on accelerators, which
     # would move sample positions by a fraction of a pixel.
     full = jnp.matmul(jnp.matmul(crop, flip, precision="highest"), rot, precision="highest")
@@ -492,8 +510,12 @@ def apply_params(image, params: AugmentParams, config: AugmentConfig, *, output_
     # final colours (jitter after sampling makes XLA recompute the sample per channel).
     rows = jnp.arange(height)[:, None]
     cols = jnp.arange(width)[None, :]
-    window = ((rows >= params.top) & (rows < params.top + params.height)
-              & (cols >= params.left) & (cols < params.left + params.width))
+    window = (
+        (rows >= params.top)
+        & (rows < params.top + params.height)
+        & (cols >= params.left)
+        & (cols < params.left + params.width)
+    )
     x = image
     ops = config.colour_ops()
     for slot in range(len(ops)):
@@ -541,10 +563,10 @@ def augment_batch(key, images, config: AugmentConfig, *, output_size: int):
     if not config.enabled:
         if (height, width) == (output_size, output_size):
             return images
-        return jax.image.resize(images, (n, output_size, output_size, 3), "linear",
-                                antialias=False)
+        return jax.image.resize(images, (n, output_size, output_size, 3), "linear", antialias=False)
     keys = jax.random.split(key, n)
-    params = jax.vmap(
-        functools.partial(sample_params, config=config, image_size=(height, width)))(keys)
+    params = jax.vmap(functools.partial(sample_params, config=config, image_size=(height, width)))(
+        keys
+    )
     apply = functools.partial(apply_params, config=config, output_size=output_size)
     return jax.vmap(apply)(images, params)

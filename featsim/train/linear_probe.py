@@ -31,7 +31,7 @@ from featsim.train.evaluation import classification_metrics
 from featsim.train.losses import class_weights as balanced_class_weights
 from featsim.train.steps import example_losses, probabilities
 
-__all__ = ["head_layer", "train_linear_probe"]
+__all__ = ["fit_head", "head_layer", "train_linear_probe"]
 
 
 def head_layer(backbone: Backbone, variables) -> tuple[tuple[str, ...], str, str]:
@@ -95,15 +95,36 @@ def train_linear_probe(config: TrainConfig, workdir, *, train, test, weights=Non
     path, _, _ = head_layer(backbone, variables)
     head = _head_params(variables, path)
     x = {name: f["pre_logits"] for name, f in feats.items()}
+    head, history, evaluate = fit_head(config, head, x, labels, num_classes, data_key)
+    _write_history(workdir, history)
+    (workdir / "config.json").write_text(config.to_json() + "\n")
+    final = _set_head(variables, path, jax.tree.map(np.asarray, head))
+    from featsim.backbones.weights import save_variables
 
+    save_variables(workdir / "model.msgpack", final, metadata={
+        "backbone": config.backbone, "num_classes": str(head_size),
+        "strategy": config.strategy, "config": config.to_json()})
+    result = {f"test_{k}": v for k, v in evaluate(head, "test").items()}
+    result.update(epoch=config.epochs, epochs_run=config.epochs, n_train=len(x["train"]),
+                  n_val=0, n_test=len(x["test"]), seconds=time.perf_counter() - started,
+                  devices=1, path="cached_features", config=config.to_dict(),
+                  featsim_version=featsim.__version__)
+    _save_json(workdir / "metrics.json", result)
+    return result
+
+
+def fit_head(config: TrainConfig, head, x, labels, num_classes: int, data_key):
+    """Trains ``head`` (``{"kernel": [d, K], "bias": [K]}``) on features ``x["train"]``,
+    evaluating on ``x["test"]`` every epoch; returns ``(head, history, evaluate)``.
+
+    The batches, loss, optimiser and schedule are the end-to-end loop's (one device).
+    """
     weights_c = (balanced_class_weights(labels["train"], num_classes)
                  if config.class_weighting == "balanced" else np.ones(num_classes, np.float32))
     weights_c = jnp.asarray(weights_c)
-    from featsim.train.loop import _schedule
-
     steps_per_epoch = math.ceil(len(x["train"]) / config.batch_size)
     tx = strategies.make_optimizer({"kernel": "head", "bias": "head"},
-                                   _schedule(config, steps_per_epoch),
+                                   strategies.schedule_for(config, steps_per_epoch),
                                    body_lr_scale=config.body_lr_scale,
                                    weight_decay=config.weight_decay)
     opt_state = tx.init(head)
@@ -117,10 +138,11 @@ def train_linear_probe(config: TrainConfig, workdir, *, train, test, weights=Non
             losses = example_losses(logits_of(h, f), y, weights_c)
             return jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1.0)
 
+        logits = logits_of(h, f)
         loss, grads = jax.value_and_grad(loss_fn)(h)
         updates, opt_state = tx.update(grads, opt_state, h)
         h = jax.tree.map(lambda p, u: p + u, h, updates)
-        return h, opt_state, loss * mask.sum()
+        return h, opt_state, loss * mask.sum(), probabilities(logits)
 
     @jax.jit
     def predict(h, f, y):
@@ -140,31 +162,17 @@ def train_linear_probe(config: TrainConfig, workdir, *, train, test, weights=Non
         epoch_key = jax.random.fold_in(data_key, epoch)
         for index, mask in batches(len(x["train"]), config.batch_size,
                                    shuffle_key=epoch_key):
-            f, y = x["train"][index], labels["train"][index]
-            logits_before = logits_of(head, f)
-            head, opt_state, loss = step(head, opt_state, f, y, mask)
+            head, opt_state, loss, p = step(head, opt_state, x["train"][index],
+                                            labels["train"][index], mask)
             loss_sum += float(loss)
-            probs.append(np.asarray(probabilities(logits_before)))
-            seen.append(index)
+            probs.append(np.asarray(p)[mask > 0])
+            seen.append(index[mask > 0])
         row = {"epoch": epoch + 1}
         row.update({f"train_{k}": v for k, v in classification_metrics(
             labels["train"][np.concatenate(seen)], np.concatenate(probs),
             num_classes=num_classes, loss=loss_sum / len(x["train"])).items()})
-        row.update({f"test_{k}": v for k, v in evaluate(head, "test").items()})
+        if "test" in x:
+            row.update({f"test_{k}": v for k, v in evaluate(head, "test").items()})
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-    _write_history(workdir, history)
-    (workdir / "config.json").write_text(config.to_json() + "\n")
-    final = _set_head(variables, path, jax.tree.map(np.asarray, head))
-    from featsim.backbones.weights import save_variables
-
-    save_variables(workdir / "model.msgpack", final, metadata={
-        "backbone": config.backbone, "num_classes": str(head_size),
-        "strategy": config.strategy, "config": config.to_json()})
-    result = {f"test_{k}": v for k, v in evaluate(head, "test").items()}
-    result.update(epoch=config.epochs, epochs_run=config.epochs, n_train=len(x["train"]),
-                  n_val=0, n_test=len(x["test"]), seconds=time.perf_counter() - started,
-                  devices=1, path="cached_features", config=config.to_dict(),
-                  featsim_version=featsim.__version__)
-    _save_json(workdir / "metrics.json", result)
-    return result
+    return head, history, evaluate

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 from flax import serialization, traverse_util
 from tqdm.auto import tqdm
 
@@ -37,22 +36,6 @@ from featsim.train.losses import class_weights as balanced_class_weights
 from featsim.train.steps import StepConfig, TrainState, make_eval_step, make_train_step
 
 __all__ = ["create_train_state", "evaluate", "run_seeds", "train_and_evaluate"]
-
-
-def _schedule(config: TrainConfig, steps_per_epoch: int):
-    total = config.epochs * steps_per_epoch
-    lr = config.learning_rate
-    if config.schedule == "constant":
-        main = optax.constant_schedule(lr)
-    elif config.schedule == "cosine":
-        main = optax.cosine_decay_schedule(lr, max(1, total))
-    else:
-        main = optax.piecewise_constant_schedule(lr, {int(total * 0.5): 0.1,
-                                                      int(total * 0.75): 0.1})
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    if not warmup:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
 def _initial_variables(config: TrainConfig, num_classes: int, rng, weights):
@@ -83,7 +66,7 @@ def create_train_state(config: TrainConfig, num_classes: int, steps_per_epoch: i
                                         partial_stages=config.partial_stages)
     param_labels = traverse_util.unflatten_dict(
         {k[1:]: v for k, v in labels.items() if k[0] == "params"})
-    tx = strategies.make_optimizer(param_labels, _schedule(config, steps_per_epoch),
+    tx = strategies.make_optimizer(param_labels, strategies.schedule_for(config, steps_per_epoch),
                                    body_lr_scale=config.body_lr_scale,
                                    weight_decay=config.weight_decay)
     state = TrainState.create(apply_fn=module.apply, params=variables["params"], tx=tx,

