@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"featsim {featsim.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add_stats_options(p):
+    def add_stats_options(p, *, permutations=0, permutations_help=None):
         p.add_argument("--metric", default="euclidean", choices=METRICS,
                        help="distance d for D (default euclidean; cosine D is always reported)")
         p.add_argument("--bootstrap", type=int, default=200, metavar="N",
@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ci-method", default="basic", choices=("basic", "percentile", "BCa"),
                        help="bootstrap interval kind (default basic: corrects FID's and the "
                             "energy distance's finite-sample bias; see featsim.report)")
-        p.add_argument("--permutations", type=int, default=0, metavar="N",
-                       help="permutations for the equal-distribution test (default 0: none)")
+        p.add_argument("--permutations", type=int, default=permutations, metavar="N",
+                       help=permutations_help or "permutations for the equal-distribution "
+                       f"test (default {permutations}; 0: none)")
         p.add_argument("--kid-subset-size", type=int, default=1000)
         p.add_argument("--kid-subsets", type=int, default=100)
         p.add_argument("--seed", type=int, default=0)
@@ -333,11 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--source", required=True, help="natural images: " + sources_help)
     cp.add_argument("--target", required=True, help="medical images (same forms)")
     cp.add_argument("--layer", default="pre_logits", help="feature layer (default pre_logits)")
-    add_stats_options(cp)
-    for action in cp._actions:  # the paired test is the point of `compare`: on by default
-        if action.dest == "permutations":
-            action.default = 200
-            action.help = ("paired permutations for the change, and relabellings for each "
+    add_stats_options(  # the paired test is the point of `compare`: on by default
+        cp, permutations=200,
+        permutations_help="paired permutations for the change, and relabellings for each "
                            "backbone's equal-distribution test (default 200; 0: none)")
     cp.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                     help="write the layer x layer CKA heatmap here")

@@ -33,3 +33,13 @@ def test_pipeline_benchmark_quick(tmp_path):
     for key in ("bare_forward_img_s", "decode_transform_img_s", "extract_cold_img_s",
                 "distance_cold_img_s", "cached_speedup", "pipeline_over_bare_forward"):
         assert data[key] > 0, key
+
+
+def test_training_benchmark_quick(tmp_path):
+    out = tmp_path / "training.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training.py"), "--quick",
+                    "--out", str(out)], check=True, capture_output=True, cwd=ROOT, timeout=900)
+    data = json.loads(out.read_text())
+    assert set(data["pmap_finetune_step"]) == {"1", "2"}
+    assert data["pmap_finetune_step"]["2"]["devices"] == 2
+    assert data["linear_cached_features"]["steps_per_s"] > 0

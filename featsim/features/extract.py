@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -102,12 +103,16 @@ class Features:
 
 def feature_layers(backbone: Backbone) -> list[str]:
     """Layer names ``backbone`` can return (its features dict, plus ``logits`` with a head)."""
+    return list(_feature_layers(backbone.module, backbone.input_shape))
+
+
+@functools.lru_cache(maxsize=64)  # tracing a large model takes seconds; modules are hashable
+def _feature_layers(module, input_shape) -> tuple[str, ...]:
     logits, feats = jax.eval_shape(
-        lambda v, x: backbone.module.apply(v, x, train=False),
-        backbone.abstract_variables(),
-        jax.ShapeDtypeStruct(backbone.input_shape, jnp.float32),
+        lambda x: module.apply(module.init(jax.random.key(0), x, train=False), x, train=False),
+        jax.ShapeDtypeStruct(input_shape, jnp.float32),
     )
-    return list(feats) + (["logits"] if logits is not None else [])
+    return (*feats, *(["logits"] if logits is not None else []))
 
 
 def _variables_sha256(variables) -> str:
