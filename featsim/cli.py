@@ -108,7 +108,8 @@ def _train_command(args) -> int:
                         data_dir=args.data_dir)
     print(f"{config.backbone} {config.strategy}: test metrics over seeds {seeds}")
     for name, (mean, std) in summary["summary"].items():
-        print(f"  {name:<24} {mean:.4f} +- {std:.4f}")
+        spread = f" +- {std:.4f}" if std == std else ""  # nan with a single seed
+        print(f"  {name:<24} {mean:.4f}{spread}")
     print(f"wrote {Path(args.out) / 'summary.json'} (per seed: metrics.json, history.csv, "
           "model.msgpack)")
     return 0

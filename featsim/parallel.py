@@ -24,6 +24,7 @@ __all__ = [
     "local_mesh",
     "pad_batch",
     "pmap",
+    "process_slice",
     "replicate",
     "shard",
     "unreplicate",
@@ -134,3 +135,20 @@ def unshard(x) -> np.ndarray:
     """``[devices, b, ...]`` -> ``[devices * b, ...]`` on the host."""
     x = np.asarray(x)
     return x.reshape(-1, *x.shape[2:])
+
+
+def process_slice(index: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This process's contiguous share of a global batch (multi-host training).
+
+    After ``jax.distributed.initialize()``, every process builds the same global batch (same
+    seed, same order) and feeds only its share to its local devices; ``pmap``'s collectives
+    then span all hosts. With one process this is the identity.
+    """
+    count = jax.process_count()
+    if count == 1:
+        return index, mask
+    if len(index) % count:
+        raise ValueError(f"global batch of {len(index)} does not split over {count} processes")
+    share = len(index) // count
+    start = jax.process_index() * share
+    return index[start:start + share], mask[start:start + share]

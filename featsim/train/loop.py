@@ -6,6 +6,11 @@ Writes into ``workdir``: ``config.json``; ``checkpoint.msgpack`` after every epo
 specificity, ROC AUC, ECE on train, validation and test per epoch); ``model.msgpack`` (the
 final variables, loadable by ``featsim compare`` and ``featsim distance --weights``); and
 ``metrics.json`` (the final model's test metrics as ``test_<name>``).
+
+Multi-host: call ``jax.distributed.initialize()`` first; every process then builds the same
+global batches and feeds its share (:func:`featsim.parallel.process_slice`) to its local
+devices, and ``pmap``'s collectives span all hosts. Only process 0 needs to write files
+(not enforced yet: give each process its own ``workdir``).
 """
 
 from __future__ import annotations
@@ -93,15 +98,18 @@ def _batch(dataset: Dataset, index, mask):
 
 def evaluate(p_eval_step, state, dataset: Dataset, batch_size: int) -> dict:
     """Loss and every classification metric of ``state`` on ``dataset`` (inference mode)."""
-    loss_sum, count, probs = 0.0, 0.0, []
-    for index, mask in batches(len(dataset), batch_size, n_devices=parallel.device_count()):
+    loss_sum, count, probs, labels = 0.0, 0.0, [], []
+    for index, mask in batches(len(dataset), batch_size, n_devices=jax.device_count()):
+        index, mask = parallel.process_slice(index, mask)
         out = p_eval_step(state, parallel.shard(_batch(dataset, index, mask)))
         loss_sum += float(np.asarray(out["loss_sum"])[0])
         count += float(np.asarray(out["count"])[0])
         probs.append(parallel.unshard(out["probs"])[mask > 0])
-    loss = loss_sum / count
-    return classification_metrics(dataset.labels, np.concatenate(probs),
-                                  num_classes=dataset.num_classes, loss=loss)
+        labels.append(dataset.labels[index][mask > 0])
+    # The loss is global (psum); with several processes the other metrics cover this
+    # process's share of the examples.
+    return classification_metrics(np.concatenate(labels), np.concatenate(probs),
+                                  num_classes=dataset.num_classes, loss=loss_sum / count)
 
 
 def _save_json(path: Path, value) -> None:
@@ -167,7 +175,7 @@ def train_and_evaluate(
         return train_linear_probe(config, workdir, train=train, test=test, weights=weights,
                                   progress=progress, data_dir=data_dir)
     started = time.perf_counter()
-    ndev = parallel.device_count()
+    ndev = jax.device_count()  # all hosts' devices; each process feeds its local ones
     batch_size = -(-config.batch_size // ndev) * ndev
     probe = get_backbone(config.backbone, num_classes=None)
     transform = Transform.for_backbone(probe.preprocessing, config.normalization)
@@ -207,6 +215,7 @@ def train_and_evaluate(
         epoch_key = jax.random.fold_in(data_key, epoch)
         for i, (index, mask) in enumerate(batches(len(train), batch_size, n_devices=ndev,
                                                   shuffle_key=epoch_key)):
+            index, mask = parallel.process_slice(index, mask)
             key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), i)
             state, out = p_train(state, parallel.shard(_batch(train, index, mask)), key)
             loss_sum += float(np.asarray(out["loss_sum"])[0])
