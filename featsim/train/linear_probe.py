@@ -29,7 +29,8 @@ from featsim.train.config import TrainConfig
 from featsim.train.data import batches
 from featsim.train.evaluation import classification_metrics
 from featsim.train.losses import class_weights as balanced_class_weights
-from featsim.train.steps import example_losses, probabilities
+from featsim.train.losses import weighted_example_losses as example_losses
+from featsim.train.steps import probabilities
 
 __all__ = ["fit_head", "head_layer", "train_linear_probe"]
 

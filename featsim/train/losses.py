@@ -49,6 +49,7 @@ __all__ = [
     "class_weights",
     "masked_mean",
     "weighted_bce",
+    "weighted_example_losses",
     "weighted_softmax_ce",
 ]
 
@@ -231,13 +232,17 @@ def weighted_bce(logits, labels, class_weights=None, mask=None):
     return _weighted_bce(logits, labels, w, mask)
 
 
-@jax.jit
-def _weighted_bce(logits, labels, w, mask):
+def _bce_terms(logits, labels, w):
+    """Per-example BCE ``l`` and weight ``w[y]`` (NaN for a label that is not 0 or 1)."""
     y = labels.astype(logits.dtype)
     per_example = -y * jax.nn.log_sigmoid(logits) - (1 - y) * jax.nn.log_sigmoid(-logits)
     valid = (y == 0) | (y == 1)
-    weight = jnp.where(valid, w[jnp.where(y == 1, 1, 0)], jnp.nan)
-    return _reduce(per_example, weight, mask)
+    return per_example, jnp.where(valid, w[jnp.where(y == 1, 1, 0)], jnp.nan)
+
+
+@jax.jit
+def _weighted_bce(logits, labels, w, mask):
+    return _reduce(*_bce_terms(logits, labels, w), mask)
 
 
 def weighted_softmax_ce(logits, labels, class_weights=None, mask=None):
@@ -280,12 +285,29 @@ def weighted_softmax_ce(logits, labels, class_weights=None, mask=None):
     return _weighted_softmax_ce(logits, labels, w, mask)
 
 
-@jax.jit
-def _weighted_softmax_ce(logits, labels, w, mask):
+def _softmax_ce_terms(logits, labels, w):
+    """Per-example cross-entropy ``l`` and weight ``w[y]`` (NaN for a label outside [0, C))."""
     c = logits.shape[1]
     valid = (labels >= 0) & (labels < c)
     idx = jnp.clip(labels, 0, c - 1).astype(jnp.int32)
     log_p = jax.nn.log_softmax(logits, axis=-1)
     per_example = -jnp.take_along_axis(log_p, idx[:, None], axis=-1)[:, 0]
-    weight = jnp.where(valid, w[idx], jnp.nan)
-    return _reduce(per_example, weight, mask)
+    return per_example, jnp.where(valid, w[idx], jnp.nan)
+
+
+@jax.jit
+def _weighted_softmax_ce(logits, labels, w, mask):
+    return _reduce(*_softmax_ce_terms(logits, labels, w), mask)
+
+
+def weighted_example_losses(logits, labels, class_weights):
+    """Per-example ``w[y_i] * l_i`` ``[n]``, unreduced: BCE for one sigmoid output
+    (``logits [n, 1]``), softmax cross-entropy for ``[n, C]``. The training step sums these
+    over devices itself (the global normaliser of :mod:`featsim.train.steps`); the terms are
+    those of :func:`weighted_bce` and :func:`weighted_softmax_ce`."""
+    w = jnp.asarray(class_weights, jnp.promote_types(logits.dtype, jnp.float32))
+    if logits.shape[-1] == 1:
+        per_example, weight = _bce_terms(logits[:, 0], labels, w)
+    else:
+        per_example, weight = _softmax_ce_terms(logits, labels, w)
+    return per_example * weight

@@ -16,31 +16,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct, traverse_util
 from flax.training import train_state
 from jax import lax
 
 from featsim.train.augment import AugmentConfig, apply_params, sample_params
+from featsim.train.losses import weighted_example_losses as example_losses
 
-__all__ = ["TrainState", "example_losses", "make_eval_step", "make_train_step", "probabilities"]
+__all__ = ["TrainState", "make_eval_step", "make_train_step", "probabilities"]
 
 
 class TrainState(train_state.TrainState):
     """``params``, ``opt_state``, ``step`` plus the BatchNorm statistics."""
 
     batch_stats: Any = None
-
-
-def example_losses(logits, labels, class_weights):
-    """Per-example class-weighted loss: BCE on one sigmoid output (``logits [n, 1]``) or
-    softmax cross-entropy (``[n, C]``), each times ``class_weights[label]``."""
-    weights = class_weights[labels]
-    if logits.shape[-1] == 1:
-        losses = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(jnp.float32))
-    else:
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return losses * weights
 
 
 def probabilities(logits):

@@ -287,3 +287,21 @@ def test_masked_mean():
     assert jax.jit(masked_mean)(x, m).dtype == jnp.float32
     with pytest.raises(ValueError, match="does not broadcast"):
         masked_mean(np.ones(3), np.ones(4))
+
+
+def test_weighted_example_losses_reduce_to_the_weighted_means():
+    """The unreduced terms the training step sums are those of weighted_bce / _softmax_ce."""
+    from featsim.train.losses import weighted_example_losses
+
+    rng = np.random.default_rng(7)
+    labels = jnp.asarray(rng.integers(0, 2, 9))
+    logits = jnp.asarray(rng.normal(size=(9, 1)), jnp.float32)
+    w = jnp.array([2.0, 0.5])
+    terms = weighted_example_losses(logits, labels, w)
+    assert terms.shape == (9,)
+    np.testing.assert_allclose(terms.mean(), weighted_bce(logits, labels, w), rtol=1e-6)
+    labels4 = jnp.asarray(rng.integers(0, 4, 9))
+    logits4 = jnp.asarray(rng.normal(size=(9, 4)), jnp.float32)
+    w4 = jnp.array([1.0, 2.0, 0.5, 3.0])
+    np.testing.assert_allclose(weighted_example_losses(logits4, labels4, w4).mean(),
+                               weighted_softmax_ce(logits4, labels4, w4), rtol=1e-6)
