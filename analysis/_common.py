@@ -346,6 +346,17 @@ def write_json(path: Path, value) -> Path:
     return path
 
 
+def finish(out: Path, result: dict, markdown, name: str, clock: Clock) -> int:
+    """Stamps the wall time, writes ``results.json`` and ``table.md`` (``markdown(result)``),
+    prints the table and a closing line; returns the exit status 0."""
+    result["provenance"]["wall_seconds"] = round(clock.seconds, 1)
+    write_json(out / "results.json", result)
+    (out / "table.md").write_text(markdown(result))
+    print((out / "table.md").read_text())
+    print(f"[{name}] wrote {out} in {clock.seconds:.0f} s", flush=True)
+    return 0
+
+
 def write_csv(path: Path, rows: Sequence[Mapping], fieldnames: Sequence[str] | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     if fieldnames is None:

@@ -518,12 +518,7 @@ def main(argv=None) -> int:
             if path is not None:
                 figures.append(path.name)
     result["figures"] = figures
-    result["provenance"]["wall_seconds"] = round(clock.seconds, 1)
-    common.write_json(out / "results.json", result)
-    (out / "table.md").write_text(markdown(result))
-    print((out / "table.md").read_text())
-    print(f"[{NAME}] wrote {out} in {clock.seconds:.0f} s", flush=True)
-    return 0
+    return common.finish(out, result, markdown, NAME, clock)
 
 
 if __name__ == "__main__":

@@ -343,11 +343,7 @@ def main(argv=None) -> int:
         "backbone", "kind", "model_a", "model_b", "layer", "depth", "cka", "ci_low", "ci_high"])
     result["provenance"] = common.provenance(clock, data={
         args.target_name: common.source_digest(target)})
-    common.write_json(out / "results.json", result)
-    (out / "table.md").write_text(markdown(result))
-    print((out / "table.md").read_text())
-    print(f"[{NAME}] wrote {out} in {clock.seconds:.0f} s", flush=True)
-    return 0
+    return common.finish(out, result, markdown, NAME, clock)
 
 
 if __name__ == "__main__":

@@ -553,12 +553,7 @@ def main(argv=None) -> int:
         for g in groups for r in g["runs"]])
     figure = plot(result, out / "test_metrics.png")
     result["figures"] = [figure.name] if figure else []
-    result["provenance"]["wall_seconds"] = round(clock.seconds, 1)
-    common.write_json(out / "results.json", result)
-    (out / "table.md").write_text(markdown(result))
-    print((out / "table.md").read_text())
-    print(f"[{NAME}] wrote {out} in {clock.seconds:.0f} s", flush=True)
-    return 0
+    return common.finish(out, result, markdown, NAME, clock)
 
 
 if __name__ == "__main__":
