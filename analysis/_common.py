@@ -203,6 +203,33 @@ def quick_subset(spec, n: int, *, seed: int = 0):
                                spec=f"{source.spec} [quick subset: {n} of {len(source)}]")
 
 
+def proportional_subset(spec, n: int, *, seed: int = 0):
+    """At most ``n`` items of a source, stratified by label in the source's own class
+    proportions (largest remainders), chosen with a seeded permutation and kept in source
+    order; the spec says it is a subset. Training on it keeps the class imbalance that the
+    class-weighted loss is there for."""
+    import numpy as np
+
+    source = open_spec(spec)
+    if len(source) <= n:
+        return source
+    rng = np.random.default_rng(seed)
+    by_label: dict = {}
+    for i, item in enumerate(source.items):
+        by_label.setdefault(item.label, []).append(i)
+    labels = sorted(by_label, key=str)
+    exact = np.array([len(by_label[k]) for k in labels], float) * n / len(source)
+    counts = np.floor(exact).astype(int)
+    for j in np.argsort(-(exact - counts), kind="stable")[: n - int(counts.sum())]:
+        counts[j] += 1
+    chosen = [int(i) for k, c in zip(labels, counts, strict=True)
+              for i in rng.permutation(by_label[k])[:c]]
+    items = tuple(source.items[i] for i in sorted(chosen))
+    return dataclasses.replace(source, items=items,
+                               spec=f"{source.spec} [stratified subset: {n} of {len(source)}, "
+                                    f"seed {seed}]")
+
+
 def source_digest(source) -> dict:
     """Spec, item count, per-class counts and the content SHA-256 of a source (the same
     definition as ``Features.manifest["content_sha256"]``)."""

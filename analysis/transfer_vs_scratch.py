@@ -61,7 +61,7 @@ import _common as common
 NAME = "transfer_vs_scratch"
 STRATEGIES = ("linear", "finetune", "scratch")
 # The paper's protocol (sec. 5.6-5.7); anything less is listed as a reduction.
-PAPER_EPOCHS, PAPER_BATCH, PAPER_SEEDS = 20, 64, 3
+PAPER_EPOCHS, PAPER_BATCH, PAPER_SEEDS, PAPER_TRAIN = 20, 64, 3, 5216
 # Test metrics of the table (the paper's six, plus ROC AUC) and two more kept in the CSV.
 METRICS = ("loss", "accuracy", "precision", "recall", "f1", "g_mean", "roc_auc")
 EXTRA_METRICS = ("specificity", "ece")
@@ -196,12 +196,13 @@ class Group:
         return f"{self.strategy}_lr{self.learning_rate:.0e}" if self.lr_variant else self.strategy
 
 
-def make_plan(trainable, strategies, lr, lr_variant) -> list[Group]:
+def make_plan(trainable, strategies, lr, lr_variant, variant_strategies=None) -> list[Group]:
     groups = [Group(n, None if w is None else str(w), s, lr, False)
               for n, w in trainable for s in strategies]
     if lr_variant is not None:
         groups += [Group(n, None if w is None else str(w), s, lr * 0.1, True)
-                   for n, w in trainable if n == lr_variant for s in strategies]
+                   for n, w in trainable if n == lr_variant
+                   for s in (variant_strategies or strategies)]
     return groups
 
 
@@ -433,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="reuse finished runs with the same config, continue interrupted ones")
     p.add_argument("--note", default="", help="why the run was reduced, recorded as given")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on N training images, stratified in the split's class "
+                        "proportions (a reduction, recorded; the test split stays whole)")
+    p.add_argument("--variant-seeds", default=None,
+                   help="seeds of the learning-rate x 0.1 variant (default: --seeds)")
+    p.add_argument("--variant-strategies", default=None,
+                   help="strategies of the learning-rate x 0.1 variant (default: --strategies;"
+                        " the paper's Table 3 has linear and scratch)")
     p.add_argument("--quick-train", type=int, default=64, help="quick: training images")
     p.add_argument("--quick-test", type=int, default=32, help="quick: test images")
     common.add_output_args(p, NAME)
@@ -445,10 +454,15 @@ def main(argv=None) -> int:
     args.epochs = args.epochs or (1 if args.quick else PAPER_EPOCHS)
     args.batch_size = args.batch_size or (8 if args.quick else PAPER_BATCH)
     seeds = common.parse_seeds(args.seeds or ("0" if args.quick else "0,1,2"))
+    variant_seeds = common.parse_seeds(args.variant_seeds) if args.variant_seeds else seeds
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    bad = [s for s in strategies if s not in STRATEGIES]
-    if bad or not strategies:
-        raise SystemExit(f"--strategies takes {', '.join(STRATEGIES)}; got {args.strategies!r}")
+    variant_strategies = ([s.strip() for s in args.variant_strategies.split(",") if s.strip()]
+                          if args.variant_strategies else strategies)
+    for flag, chosen in (("--strategies", strategies),
+                         ("--variant-strategies", variant_strategies)):
+        bad = [s for s in chosen if s not in STRATEGIES]
+        if bad or not chosen:
+            raise SystemExit(f"{flag} takes {', '.join(STRATEGIES)}; got {','.join(chosen)!r}")
     common.setup_caches(args)
     out = common.results_dir(NAME, args.out, quick=args.quick)
     runs_dir = args.runs or common.default_runs_dir(args.quick)
@@ -458,7 +472,9 @@ def main(argv=None) -> int:
         train = common.quick_subset(train_spec, args.quick_train, seed=0)
         test = common.quick_subset(test_spec, args.quick_test, seed=0)
     else:
-        train, test = common.open_spec(train_spec), common.open_spec(test_spec)
+        train = (common.proportional_subset(train_spec, args.train_subset, seed=0)
+                 if args.train_subset else common.open_spec(train_spec))
+        test = common.open_spec(test_spec)
     data = {"train": common.source_digest(train), "test": common.source_digest(test)}
 
     backbones = common.chosen_backbones(args)
@@ -480,10 +496,11 @@ def main(argv=None) -> int:
         lr_variant = None
 
     groups = []
-    for group in make_plan(trainable, strategies, args.lr, lr_variant):
-        runs = train_group(group, seeds, args, train, test, runs_dir, data)
+    for group in make_plan(trainable, strategies, args.lr, lr_variant, variant_strategies):
+        group_seeds = variant_seeds if group.lr_variant else seeds
+        runs = train_group(group, group_seeds, args, train, test, runs_dir, data)
         copy_histories(runs, group, out)
-        groups.append({**dataclasses.asdict(group), "label": group.label, "seeds": seeds,
+        groups.append({**dataclasses.asdict(group), "label": group.label, "seeds": group_seeds,
                        "strategy_text": STRATEGY_TEXT[group.strategy],
                        "summary": summarise(runs),
                        "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]})
@@ -499,6 +516,16 @@ def main(argv=None) -> int:
     if len(seeds) < PAPER_SEEDS:
         reductions.append(f"{len(seeds)} seed{'s' * (len(seeds) != 1)} instead of "
                           f"{PAPER_SEEDS}")
+    if lr_variant is not None and len(variant_seeds) < PAPER_SEEDS:
+        reductions.append(f"the learning rate x 0.1 variant with {len(variant_seeds)} seed"
+                          f"{'s' * (len(variant_seeds) != 1)} instead of {PAPER_SEEDS}")
+    if lr_variant is not None and set(variant_strategies) < set(strategies):
+        reductions.append("the learning rate x 0.1 variant without "
+                          + ", ".join(s for s in strategies if s not in variant_strategies))
+    if args.train_subset and not args.quick:
+        reductions.append(f"{data['train']['n_items']} of the {PAPER_TRAIN} training images "
+                          "(stratified in the split's class proportions); the test split is "
+                          "whole")
     if args.batch_size != PAPER_BATCH:
         reductions.append(f"batch size {args.batch_size} instead of the paper's {PAPER_BATCH}")
     if args.no_augment:
@@ -523,7 +550,9 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "n_test": n_test,
         "config": {"epochs": args.epochs, "batch_size": args.batch_size,
-                   "learning_rate": args.lr, "seeds": seeds, "strategies": strategies,
+                   "learning_rate": args.lr, "seeds": seeds, "variant_seeds": variant_seeds,
+                   "variant_strategies": variant_strategies,
+                   "train_subset": args.train_subset, "strategies": strategies,
                    "augment": not args.no_augment, "lr_variant": lr_variant,
                    "runs_dir": str(runs_dir)},
         "groups": groups,

@@ -93,6 +93,9 @@ def _train_command(args) -> int:
 
     if args.data is None and (args.train is None or args.test is None):
         raise ValueError("give --data SRC (with SRC:train and SRC:test) or --train and --test")
+    if args.aux_weight and not args.target_column:
+        raise ValueError("--aux-weight needs --target-column NAME (the labels.csv column "
+                         "the auxiliary head regresses)")
     train = args.train or f"{args.data}:train"
     test = args.test or f"{args.data}:test"
     config = TrainConfig(
@@ -101,6 +104,10 @@ def _train_command(args) -> int:
         partial_stages=args.partial_stages, schedule=args.schedule,
         normalization=args.normalization, augment=AugmentConfig(enabled=not args.no_augment),
         val_fraction=args.val_fraction, early_stopping_patience=args.early_stopping,
+        stop_when=args.stop_when,
+        head=args.head, head_hidden=args.head_hidden, aux_weight=args.aux_weight,
+        aux_targets=len(args.target_column or ()),
+        target_columns=tuple(args.target_column or ()),
         image_dtype=args.image_dtype)
     seeds = [int(s) for s in args.seeds.split(",")]
     summary = run_seeds(config, seeds, args.out, train=train, test=test, weights=args.weights,
@@ -112,6 +119,28 @@ def _train_command(args) -> int:
         print(f"  {name:<24} {mean:.4f}{spread}")
     print(f"wrote {Path(args.out) / 'summary.json'} (per seed: metrics.json, history.csv, "
           "model.msgpack)")
+    return 0
+
+
+def _pretrain_command(args) -> int:
+    from featsim.train import PretrainConfig, pretrain
+
+    config = PretrainConfig(
+        backbone=args.backbone, layer=args.layer, init=args.init, image_size=args.image_size,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        schedule=args.schedule, decoder_width=args.decoder_width,
+        normalization=args.normalization, val_fraction=args.val_fraction, limit=args.limit,
+        image_dtype=args.image_dtype, seed=args.seed)
+    result = pretrain(config, args.out, args.data, weights=args.weights, resume=args.resume,
+                      progress=not args.no_progress, data_dir=args.data_dir)
+    history = json.loads((Path(args.out) / "history.json").read_text())
+    print(f"{config.backbone} autoencoder ({config.init} init, layer {result['layer']} "
+          f"{tuple(result['code_shape'])}, {result['n_train']} images at "
+          f"{result['image_size']} px): L1 per epoch")
+    for row in history:
+        val = f"  val {row['val_loss']:.4f}" if "val_loss" in row else ""
+        print(f"  epoch {row['epoch']:>3}  train {row['train_loss']:.4f}{val}")
+    print(f"wrote {result['encoder']} (use it with --weights {args.out})")
     return 0
 
 
@@ -194,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add_extract_options(p):
         p.add_argument("--backbone", required=True, help="registry name, see `featsim backbones`")
         p.add_argument("--weights", default=None, metavar="FILE",
-                       help="checkpoint (.pth, .safetensors, .msgpack, TF.js model.json); "
-                            "default the registered pretrained weights (never random ones)")
+                       help="checkpoint (.pth, .safetensors, .msgpack, TF.js model.json) or "
+                            "a `featsim pretrain` output folder; default the registered "
+                            "pretrained weights (never random ones)")
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--normalization", default="backbone", choices=("backbone", "paper"),
                        help="pixel scaling: the backbone's own (default) or Gu & Lee's "
@@ -266,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "augmentation and mean/std 0.5.")
     t.add_argument("--backbone", required=True, help="registry name, see `featsim backbones`")
     t.add_argument("--weights", default=None, metavar="FILE",
-                   help="pretrained checkpoint (default: the registered weights)")
+                   help="pretrained checkpoint, or a `featsim pretrain` output folder "
+                        "(default: the registered weights)")
     t.add_argument("--data", default=None, help="a folder with train/ and test/ splits "
                    "(uses DATA:train and DATA:test)")
     t.add_argument("--train", default=None, help="training source (instead of --data)")
@@ -288,6 +319,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation share carved from train (stratified, group-aware)")
     t.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better validation loss")
+    t.add_argument("--stop-when", default=None, metavar="RULES",
+                   help="stop after the first epoch where every comma-separated validation "
+                        "condition holds, e.g. El Azhari's 'val_accuracy>=0.89,val_loss<0.3' "
+                        "(operators >=, >, <=, <; needs --val-fraction)")
+    t.add_argument("--head", default="linear", choices=("linear", "flatten_mlp"),
+                   help="classifier head: the backbone's global-pool + linear (default) or "
+                        "El Azhari's Flatten + Dense(hidden) + ReLU + Dense on the last "
+                        "feature map (always end to end)")
+    t.add_argument("--head-hidden", type=int, default=1000, metavar="N",
+                   help="hidden width of the flatten_mlp head (default 1000)")
+    t.add_argument("--aux-weight", type=float, default=0.0, metavar="ALPHA",
+                   help="Park's multitask loss L_CE + ALPHA * L_MSE with an auxiliary "
+                        "regression head on pre_logits (Park: 0.8; 0: off); needs "
+                        "--target-column")
+    t.add_argument("--target-column", action="append", default=None, metavar="NAME",
+                   help="labels.csv column of the auxiliary regression target (repeat for "
+                        "several); --train/--test must be folders with a labels.csv")
     t.add_argument("--image-dtype", default="uint8", choices=("uint8", "float32"))
     t.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     t.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints")
@@ -295,6 +343,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--out", required=True, type=Path, help="output folder")
     t.set_defaults(func=_train_command)
+
+    pt = sub.add_parser(
+        "pretrain", help="self-supervised autoencoder pretraining of a backbone (Park et al.)",
+        description="Trains a convolutional autoencoder whose encoder is a registered "
+                    "backbone's body (up to its last spatial feature map) on unlabelled "
+                    "images with the L1 reconstruction loss, and writes OUT/encoder.msgpack: "
+                    "a weight source for `featsim train/distance/compare --weights OUT`. "
+                    "Sources: " + sources_help + " (labels, if any, are ignored).")
+    pt.add_argument("--backbone", required=True, help="registry name, see `featsim backbones`")
+    pt.add_argument("--data", required=True, help="images: " + sources_help)
+    pt.add_argument("--out", required=True, type=Path, help="output folder")
+    pt.add_argument("--init", default="random", choices=("random", "imagenet"),
+                    help="encoder init: random (Park et al., default) or ImageNet weights")
+    pt.add_argument("--weights", default=None, metavar="FILE",
+                    help="with --init imagenet: a checkpoint instead of the registered one")
+    pt.add_argument("--layer", default=None,
+                    help="encoder output tap (default: the last spatial map before pooling)")
+    pt.add_argument("--image-size", type=int, default=None,
+                    help="training image side (default: the backbone's input size)")
+    pt.add_argument("--epochs", type=int, default=10)
+    pt.add_argument("--batch-size", type=int, default=32)
+    pt.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    pt.add_argument("--schedule", default="constant", choices=("constant", "cosine", "step"))
+    pt.add_argument("--decoder-width", type=int, default=256,
+                    help="channels of the decoder's first upsampling step (halved per step)")
+    pt.add_argument("--normalization", default="backbone", choices=("backbone", "paper"),
+                    help="the encoder's pixel scaling (the target is always pixels on [0, 1])")
+    pt.add_argument("--val-fraction", type=float, default=0.0,
+                    help="share of images held out for a validation L1 per epoch")
+    pt.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="use a seeded random subset of N images")
+    pt.add_argument("--image-dtype", default="uint8", choices=("uint8", "float32"))
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    pt.add_argument("--data-dir", default=None, help="tensorflow-datasets folder (tfds:)")
+    pt.add_argument("--no-progress", action="store_true")
+    pt.set_defaults(func=_pretrain_command)
 
     b = sub.add_parser("backbones", help="list registered backbones, preprocessing, weights",
                        description="Lists every registered backbone with its preprocessing "

@@ -14,7 +14,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from featsim.backbones.registry import Backbone, get_backbone
+from featsim.backbones.registry import ENCODER_FILENAME, Backbone, get_backbone
 from featsim.backbones.tfjs import load_tfjs_mobilenet_v1
 from featsim.features.extract import Features, extract_features
 from featsim.report import SimilarityReport, similarity_report
@@ -40,16 +40,19 @@ def pretrained_backbone(
 
     Args:
         name: registry name (``featsim backbones`` lists them).
-        weights: a checkpoint (``.pth``, ``.safetensors``, featsim ``.msgpack``, or a TF.js
-            ``model.json`` for the MobileNetV1 family); default the registered weights,
-            found locally or downloaded.
+        weights: a checkpoint (``.pth``, ``.safetensors``, featsim ``.msgpack``, a
+            ``featsim pretrain`` output folder (its ``encoder.msgpack``), or a TF.js
+            ``model.json`` or its folder for the MobileNetV1 family); default the registered
+            weights, found locally or downloaded.
         download: allow downloading the registered weights.
 
     Raises:
         FileNotFoundError: no weights available; the message names ``--weights`` and
             ``featsim convert-weights``.
     """
-    if weights is not None and (str(weights).endswith(".json") or Path(weights).is_dir()):
+    if weights is not None and (str(weights).endswith(".json") or (
+            Path(weights).is_dir() and (Path(weights) / "model.json").is_file()
+            and not (Path(weights) / ENCODER_FILENAME).is_file())):
         backbone = load_tfjs_mobilenet_v1(weights, name=name, num_classes=None)
         return dataclasses.replace(backbone, weights_file=Path(weights))
     if weights is not None:  # the user's file: its own errors name it

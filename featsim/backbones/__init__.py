@@ -27,6 +27,7 @@ from featsim.backbones.registry import (
 )
 from featsim.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from featsim.backbones.shufflenet import ShuffleNetV2
+from featsim.backbones.small_cnn import ElAzhariCNN, SeparableConv2D
 from featsim.backbones.tfjs import load_tfjs_mobilenet_v1, load_tfjs_weights
 from featsim.backbones.vgg import VGG, adaptive_avg_pool
 from featsim.backbones.weights import (
@@ -50,12 +51,14 @@ __all__ = [
     "Bottleneck",
     "DenseNet",
     "EfficientNetLite",
+    "ElAzhariCNN",
     "Inception3",
     "KeyMapping",
     "MobileNetV1",
     "MobileNetV2",
     "Preprocessing",
     "ResNet",
+    "SeparableConv2D",
     "ShuffleNetV2",
     "WeightsSource",
     "abstract_variables",

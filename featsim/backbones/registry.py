@@ -45,6 +45,7 @@ from featsim.backbones.weights import (
 )
 
 __all__ = [
+    "ENCODER_FILENAME",
     "Backbone",
     "convert_weights_file",
     "get_backbone",
@@ -218,9 +219,25 @@ def get_backbone(
                            download=download)
 
 
+# What `featsim pretrain` (featsim.train.pretrain) writes into its output folder: the
+# encoder's variables in the registered module's layout, headless.
+ENCODER_FILENAME = "encoder.msgpack"
+
+
 def _resolve_path(backbone: Backbone, path, download: bool) -> Path:
     if path is not None:
-        return Path(path)
+        path = Path(path)
+        if not path.is_dir():
+            return path
+        if (path / ENCODER_FILENAME).is_file():  # a `featsim pretrain` output folder
+            return path / ENCODER_FILENAME
+        found = sorted(p.name for p in path.glob("*.msgpack"))
+        raise FileNotFoundError(
+            f"weights folder {path} holds no {ENCODER_FILENAME} (what `featsim pretrain` "
+            f"writes there); .msgpack files found: {found or 'none'}. Pass a pretrain output "
+            "folder, a checkpoint file (.pth, .safetensors, .msgpack) or, for MobileNetV1, "
+            "a TF.js model.json folder"
+        )
     source = backbone.weights
     if source is None:
         raise ValueError(
@@ -282,7 +299,8 @@ def load_pretrained(
     Args:
         backbone: from :func:`get_backbone` (any ``num_classes``), or a registry name
             (then ``get_backbone(name)``: the registered head).
-        path: checkpoint file; default: the registered file found by
+        path: checkpoint file, or a ``featsim pretrain`` output folder (its
+            :data:`ENCODER_FILENAME` is read); default: the registered file found by
             :func:`~featsim.backbones.weights.find_local_weights`.
         skip_head: load everything except the classifier (fine-tuning with a new head);
             the new head is initialised from ``rng``.

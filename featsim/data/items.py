@@ -28,6 +28,8 @@ class Item:
             ``path`` is None.
         label: integer class index into :attr:`Source.class_names`, or None (unlabelled).
         group: a grouping key such as a patient id (for group-aware splits), or None.
+        targets: regression targets (e.g. age) read from ``labels.csv`` columns, one float
+            per requested column in the order asked for, or None.
     """
 
     id: str
@@ -35,6 +37,7 @@ class Item:
     array: np.ndarray | None = dataclasses.field(default=None, repr=False)
     label: int | None = None
     group: str | None = None
+    targets: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if (self.path is None) == (self.array is None):

@@ -16,9 +16,10 @@ Sources only *list* images (sorted, deterministic); nothing is decoded here.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -45,6 +46,7 @@ def open_source(
     *,
     data_dir: str | os.PathLike | None = None,
     extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    target_column: str | Sequence[str] | None = None,
 ) -> Source:
     """Lists the images a spec names.
 
@@ -55,7 +57,8 @@ def open_source(
 
     Folders: with a ``labels.csv`` in the folder, its rows give the items (columns ``file``,
     one of ``label``/``class_index``/``class``, optional ``name``/``class_name`` and
-    ``group``/``patient_id``/``patient``). Otherwise images in class subfolders take their
+    ``group``/``patient_id``/``patient``; with ``target_column``, the named numeric
+    column(s) as :attr:`Item.targets`). Otherwise images in class subfolders take their
     immediate parent folder's name as class (class names sorted), and images directly in the
     folder are unlabelled; a folder with both is an error. Hidden files and folders are
     skipped, symlinked folders are not followed (with a warning), items are sorted by path.
@@ -64,6 +67,9 @@ def open_source(
         spec: a spec string, a path, or a :class:`Source` (returned unchanged).
         data_dir: where TFDS keeps its data (``tfds:`` specs only).
         extensions: file suffixes that count as images (case-insensitive, e.g. ``".png"``).
+        target_column: a ``labels.csv`` column name (or a sequence of them) whose values,
+            finite numbers, become each item's ``targets`` (regression targets such as age),
+            in the order given. Only folders with a ``labels.csv`` have them.
 
     Returns:
         The :class:`Source`; ``Item.id`` is the POSIX path relative to the selected folder,
@@ -72,7 +78,9 @@ def open_source(
     Raises:
         FileNotFoundError: the path, subfolder, or a file listed in ``labels.csv`` is missing.
         ValueError: no images, an ambiguous folder layout, a malformed ``labels.csv`` or
-            ``.npz``, an unknown ``.npz`` split.
+            ``.npz``, an unknown ``.npz`` split; a ``target_column`` that is absent, or a
+            missing or non-numeric target (the file, line and column are named), or
+            requested from a source without a ``labels.csv``.
         KeyError: an unknown ``embedded:`` name.
 
     Example:
@@ -80,10 +88,19 @@ def open_source(
         >>> src.class_names, len(src)
         (('NORMAL', 'PNEUMONIA'), 624)
     """
+    targets = ((target_column,) if isinstance(target_column, str)
+               else tuple(target_column or ()))
     if isinstance(spec, Source):
+        if targets:
+            raise ValueError(f"target_column={target_column!r} needs a spec, not an opened "
+                             f"Source ({spec.spec!r})")
         return spec
     if not os.fspath(spec):
         raise ValueError("empty source spec")
+    if targets and not isinstance(spec, os.PathLike) and not Path(spec).exists() and (
+            spec.startswith("tfds:") or spec.startswith("embedded:")):
+        raise ValueError(f"{spec!r}: target columns come from a folder's labels.csv; "
+                         f"{spec.split(':', 1)[0]}: sources have none")
     exts = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     if isinstance(spec, os.PathLike):
         path, sub = Path(spec), None
@@ -102,7 +119,10 @@ def open_source(
     spec = os.fspath(spec)
 
     if path.is_dir():
-        return _folder_source(spec, _select_subfolder(path, sub), exts)
+        return _folder_source(spec, _select_subfolder(path, sub), exts, targets)
+    if targets:
+        raise ValueError(f"{spec!r}: target columns {list(targets)} come from a folder's "
+                         f"labels.csv; {path} is not a folder")
     if path.suffix.lower() == ".npz":
         return _npz_source(spec, path, sub)
     if path.suffix.lower() in exts:
@@ -172,12 +192,16 @@ def _some(names: Iterable[str], n: int = _SHOW) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
-def _folder_source(spec: str, root: Path, exts: frozenset[str]) -> Source:
+def _folder_source(spec: str, root: Path, exts: frozenset[str],
+                   targets: tuple[str, ...] = ()) -> Source:
     root = root.absolute()
     files = _walk(root)
     images = [f for f in files if PurePosixPath(f).suffix.lower() in exts]
     if (root / "labels.csv").is_file():
-        return _csv_source(spec, root, images, exts)
+        return _csv_source(spec, root, images, exts, targets)
+    if targets:
+        raise ValueError(f"{spec!r}: target columns {list(targets)} are read from a "
+                         f"labels.csv, and {root} has none")
     if not images:
         found = (
             f"found {len(files)} files, none with an image extension: {_some(files)}"
@@ -216,7 +240,25 @@ def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
     return next((c for c in candidates if c in columns), None)
 
 
-def _csv_source(spec: str, root: Path, images: list[str], exts: frozenset[str]) -> Source:
+def _target_values(csv_path, line: int, row: dict, targets: tuple[str, ...]):
+    """The row's target columns as floats; ValueError naming file, line and column."""
+    values = []
+    for column in targets:
+        raw = row[column].strip()
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            what = "empty" if not raw else f"{raw!r}, not a finite number"
+            raise ValueError(f"{csv_path}, line {line} ({row['file']!r}): target column "
+                             f"{column!r} is {what}")
+        values.append(value)
+    return tuple(values)
+
+
+def _csv_source(spec: str, root: Path, images: list[str], exts: frozenset[str],
+                targets: tuple[str, ...] = ()) -> Source:
     """Items from ``root/labels.csv``, sorted by file."""
     csv_path = root / "labels.csv"
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -230,8 +272,13 @@ def _csv_source(spec: str, root: Path, images: list[str], exts: frozenset[str]) 
             f"found columns {columns}"
         )
     name_col, group_col = _pick(columns, _NAME_COLUMNS), _pick(columns, _GROUP_COLUMNS)
+    absent = [c for c in targets if c not in columns]
+    if absent:
+        raise ValueError(f"{csv_path}: no target column {', '.join(map(repr, absent))}; "
+                         f"found columns {columns}")
 
     by_file: dict[str, dict[str, str]] = {}
+    target_values: dict[str, tuple[float, ...]] = {}
     for line, row in enumerate(rows, start=2):
         raw = row["file"]
         file = PurePosixPath(raw).as_posix()
@@ -243,6 +290,8 @@ def _csv_source(spec: str, root: Path, images: list[str], exts: frozenset[str]) 
             raise ValueError(f"{csv_path}, line {line}: {raw!r} is listed twice")
         if not row[label_col].strip():
             raise ValueError(f"{csv_path}, line {line}: empty {label_col!r} for {raw!r}")
+        if targets:
+            target_values[file] = _target_values(csv_path, line, row, targets)
         by_file[file] = row
     if not by_file:
         raise ValueError(f"{csv_path} lists no files")
@@ -276,6 +325,7 @@ def _csv_source(spec: str, root: Path, images: list[str], exts: frozenset[str]) 
             path=root / f,
             label=label,
             group=(by_file[f][group_col].strip() or None) if group_col else None,
+            targets=target_values[f] if targets else None,
         )
         for f, label in zip(files, labels, strict=True)
     )

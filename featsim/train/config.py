@@ -13,8 +13,9 @@ import dataclasses
 import json
 
 from featsim.train.augment import AugmentConfig
+from featsim.train.callbacks import StopWhen
 
-__all__ = ["SCHEDULES", "STRATEGIES", "TrainConfig"]
+__all__ = ["HEADS", "INITS", "SCHEDULES", "STRATEGIES", "TrainConfig"]
 
 # linear:   the paper's: frozen body (incl. BatchNorm statistics), new head.
 # partial:  unfreeze the last `partial_stages` stages and the head.
@@ -24,6 +25,14 @@ __all__ = ["SCHEDULES", "STRATEGIES", "TrainConfig"]
 #           pretrained values, then trained like scratch.
 STRATEGIES = ("linear", "partial", "finetune", "scratch", "meanvar")
 SCHEDULES = ("constant", "cosine", "step")
+# linear:      the backbone's own global-pool + linear classifier.
+# flatten_mlp: El Azhari's Flatten + Dense(head_hidden) + ReLU + Dense(classes) on the last
+#              convolutional feature map (featsim.train.heads).
+HEADS = ("linear", "flatten_mlp")
+# pretrained: the body starts from the backbone's weights (the default).
+# random:     the body starts from its own random initialisation (seeded), e.g. with
+#             ``linear`` a random-features probe (El Azhari's "random weights, frozen").
+INITS = ("pretrained", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +49,25 @@ class TrainConfig:
         schedule: one of :data:`SCHEDULES` (step: x0.1 at 50% and 75% of training).
         warmup_epochs: linear warm-up before the schedule.
         weight_decay: decoupled (AdamW) weight decay; 0 = Adam.
-        class_weighting: ``"balanced"`` (n / (C * count_c), Keras/sklearn) or ``"none"``.
+        class_weighting: ``"balanced"`` (n / (C * count_c), Keras/sklearn) or ``"none"``;
+            it weights the cross-entropy term only, never the auxiliary regression term.
+        head: one of :data:`HEADS` (:mod:`featsim.train.heads`). Every strategy trains the
+            whole head (``linear``: both of the flatten-MLP's dense layers, body frozen).
+            ``"flatten_mlp"`` always runs end to end (no cached-feature path).
+        head_hidden: the flatten-MLP's hidden width (El Azhari: 1000).
+        aux_weight: ``alpha`` of Park's ``L_CE + alpha * L_MSE`` (Park: 0.8), the weight of
+            an auxiliary regression head on ``pre_logits``
+            (:func:`~featsim.train.losses.multitask_loss`); test/validation metrics then
+            include ``aux_mse`` and ``class_loss`` beside ``loss`` (the total). Ablations:
+            ``aux_weight=0`` is "without the auxiliary head" (it is still built when
+            ``aux_targets > 0`` and its MSE reported, but it does not train and does not
+            change the classifier's training); "without pretraining" is
+            ``strategy="scratch"``.
+        aux_targets: number of regression outputs of the auxiliary head (0: none). With
+            ``aux_targets > 0`` training runs end to end and the data needs targets.
+        target_columns: ``labels.csv`` columns giving the regression targets, in order
+            (``open_source(..., target_column=...)``); their number must equal
+            ``aux_targets``. Empty: the datasets carry their own ``targets``.
         normalization: pixel scaling, ``"paper"`` (mean 0.5 / std 0.5, section 5.7) or
             ``"backbone"`` (the weights' own).
         augment: on-device augmentation (section 5.7); ``AugmentConfig(enabled=False)`` to
@@ -51,9 +78,21 @@ class TrainConfig:
             either.
         early_stopping_patience: epochs without a better validation loss before stopping;
             None: train all epochs (the last epoch's model is evaluated).
+        stop_when: stop after the first epoch where every ``(metric, operator,
+            threshold)`` holds on the validation metrics, e.g. El Azhari's
+            ``(("val_accuracy", ">=", 0.89), ("val_loss", "<", 0.3))``; see
+            :class:`~featsim.train.callbacks.StopWhen` (also accepted here, as is its
+            string form ``"val_accuracy>=0.89,val_loss<0.3"``; stored as the tuple). The
+            stopping epoch's model is evaluated unless ``early_stopping_patience`` is set
+            (then the best-validation-loss model is). None: no such rule.
         image_dtype: how decoded training images are held in memory: ``"uint8"`` (rounded,
             4x smaller) or ``"float32"`` (bit-compatible with the feature pipeline).
         seed: PRNG seed (head init, data order, augmentation, validation split).
+        init: one of :data:`INITS`: where the body starts for ``linear``, ``partial`` and
+            ``finetune``. ``"random"`` with ``linear`` freezes a randomly initialised body
+            (BatchNorm statistics at their initial values) and trains the head: a
+            random-features probe. ``scratch`` is always random and ``meanvar`` needs
+            the pretrained values, so both take only ``"pretrained"`` (the default).
     """
 
     backbone: str
@@ -67,16 +106,46 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     weight_decay: float = 0.0
     class_weighting: str = "balanced"
+    head: str = "linear"
+    head_hidden: int = 1000
+    aux_weight: float = 0.0
+    aux_targets: int = 0
+    target_columns: tuple[str, ...] = ()
     normalization: str = "paper"
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     val_fraction: float = 0.0
     early_stopping_patience: int | None = None
+    stop_when: tuple[tuple[str, str, float], ...] | None = None
     image_dtype: str = "uint8"
     seed: int = 0
+    init: str = "pretrained"
 
     def __post_init__(self):
+        if self.stop_when is not None:  # JSON lists, a StopWhen or its string: one tuple form
+            rule = self.stop_when
+            if isinstance(rule, str):
+                rule = StopWhen.parse(rule)
+            elif not isinstance(rule, StopWhen):
+                rule = StopWhen(rule)
+            object.__setattr__(self, "stop_when", rule.to_config())
+        if isinstance(self.target_columns, str):
+            object.__setattr__(self, "target_columns", (self.target_columns,))
+        elif not isinstance(self.target_columns, tuple):  # e.g. a JSON list
+            object.__setattr__(self, "target_columns", tuple(self.target_columns))
         checks = [
             (self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}"),
+            (self.init in INITS, f"init must be one of {INITS}"),
+            (self.init == "pretrained" or self.strategy in ("linear", "partial", "finetune"),
+             'init="random" is for linear, partial and finetune (scratch is random already; '
+             "meanvar needs the pretrained values)"),
+            (self.head in HEADS, f"head must be one of {HEADS}"),
+            (self.head_hidden >= 1, "head_hidden must be >= 1"),
+            (self.aux_weight >= 0, "aux_weight must be >= 0"),
+            (self.aux_targets >= 0, "aux_targets must be >= 0"),
+            (self.aux_weight == 0 or self.aux_targets >= 1,
+             "aux_weight > 0 needs an auxiliary head (aux_targets >= 1)"),
+            (not self.target_columns or len(self.target_columns) == self.aux_targets,
+             "target_columns must name aux_targets columns"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -91,6 +160,8 @@ class TrainConfig:
             (self.image_dtype in ("uint8", "float32"), 'image_dtype must be "uint8" or "float32"'),
             (self.early_stopping_patience is None or self.val_fraction > 0,
              "early stopping needs a validation split (val_fraction > 0)"),
+            (self.stop_when is None or self.val_fraction > 0,
+             "stop_when needs a validation split (val_fraction > 0)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -98,9 +169,13 @@ class TrainConfig:
 
     @property
     def uses_cached_features(self) -> bool:
-        """``linear`` without augmentation: the body's output never changes, so the head
-        trains on cached ``pre_logits`` features."""
-        return self.strategy == "linear" and not self.augment.enabled
+        """``linear`` without augmentation, the linear head and no auxiliary head: the
+        body's output never changes, so the head trains on cached ``pre_logits`` features.
+        (The flatten-MLP reads the pre-pool map, which is not cached, and the cache holds
+        pretrained features, not a random body's: both run end to end.)"""
+        return (self.strategy == "linear" and not self.augment.enabled
+                and self.head == "linear" and not self.aux_targets
+                and self.init == "pretrained")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

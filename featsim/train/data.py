@@ -36,6 +36,8 @@ class Dataset:
         ids: item ids.
         class_names: label index -> name.
         source: the spec it came from.
+        targets: float32 ``[n, T]`` regression targets (an auxiliary head's, e.g. age), or
+            None.
     """
 
     images: np.ndarray
@@ -44,6 +46,7 @@ class Dataset:
     ids: tuple[str, ...]
     class_names: tuple[str, ...]
     source: str
+    targets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -53,7 +56,8 @@ class Dataset:
         return dataclasses.replace(
             self, images=self.images[index], labels=self.labels[index],
             groups=None if self.groups is None else self.groups[index],
-            ids=tuple(self.ids[i] for i in index))
+            ids=tuple(self.ids[i] for i in index),
+            targets=None if self.targets is None else self.targets[index])
 
     @property
     def num_classes(self) -> int:
@@ -62,14 +66,23 @@ class Dataset:
 
 def load_dataset(source: Source | str | os.PathLike, transform: Transform, *,
                  dtype: str = "uint8", num_workers: int | None = None,
-                 data_dir=None) -> Dataset:
+                 data_dir=None, target_columns=None) -> Dataset:
     """Decodes every image of a labelled source at the network's input size.
 
+    Args:
+        target_columns: ``labels.csv`` column name(s) whose numbers become
+            :attr:`Dataset.targets` (see :func:`~featsim.data.sources.open_source`); None
+            or empty: the items' own targets, if any.
+
     Raises:
-        ValueError: an unlabelled item (named), or an image that cannot be decoded (named).
+        ValueError: an unlabelled item (named), an item without targets when others have
+            them, or an image that cannot be decoded (named).
     """
     if not isinstance(source, Source):
-        source = open_source(source, data_dir=data_dir)
+        source = open_source(source, data_dir=data_dir, target_column=target_columns or None)
+    elif target_columns:
+        raise ValueError(f"target_columns={target_columns!r} needs a spec (labels.csv), not "
+                         f"an opened Source ({source.spec!r}); open it with target_column=")
     unlabelled = [it.id for it in source.items if it.label is None]
     if unlabelled:
         raise ValueError(f"training needs labels; {len(unlabelled)} items of {source.spec!r} "
@@ -85,6 +98,14 @@ def load_dataset(source: Source | str | os.PathLike, transform: Transform, *,
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         list(pool.map(load, range(len(source))))
     groups = [it.group for it in source.items]
+    targets = None
+    with_targets = [it.targets is not None for it in source.items]
+    if any(with_targets):
+        if not all(with_targets):
+            missing = [it.id for it in source.items if it.targets is None]
+            raise ValueError(f"{len(missing)} items of {source.spec!r} have no regression "
+                             f"targets while others do, e.g. {missing[:3]}")
+        targets = np.array([it.targets for it in source.items], np.float32)
     return Dataset(
         images=images,
         labels=np.array([it.label for it in source.items], np.int32),
@@ -92,6 +113,7 @@ def load_dataset(source: Source | str | os.PathLike, transform: Transform, *,
         ids=tuple(it.id for it in source.items),
         class_names=tuple(source.class_names),
         source=str(source.spec),
+        targets=targets,
     )
 
 

@@ -19,7 +19,10 @@ Definitions (``y`` the true class, ``ŷ`` the predicted class):
   ``[1 - p, p]`` with ties going to class 0). Class 1 is the positive class.
   ``precision = tp / (tp + fp)``, ``recall`` (sensitivity) ``= tp / (tp + fn)``,
   ``specificity = tn / (tn + fp)``, ``f1 = 2 tp / (2 tp + fp + fn)`` (the harmonic mean of
-  precision and recall), ``g_mean = sqrt(recall * specificity)`` (Kubat & Matwin 1997,
+  precision and recall), ``*_micro`` from the counts summed over both classes, as
+  scikit-learn's ``average="micro"`` (El Azhari reports these; on single-label binary data
+  ``precision_micro == recall_micro == f1_micro == accuracy``),
+  ``g_mean = sqrt(recall * specificity)`` (Kubat & Matwin 1997,
   "Addressing the Curse of Imbalanced Training Sets: One-Sided Selection", ICML; He & Garcia
   2009, "Learning from Imbalanced Data", IEEE TKDE 21:1263). Gu & Lee report a G-mean without
   giving its formula, and their values cannot be recomputed from their own accuracy,
@@ -39,7 +42,8 @@ Definitions (``y`` the true class, ``ŷ`` the predicted class):
   curve and ``sklearn.metrics.roc_auc_score`` exactly (Hanley & McNeil 1982, Radiology
   143:29). Multi-class: ``roc_auc_macro`` is the unweighted mean of the one-vs-rest AUCs of
   ``probs[:, c]`` (Fawcett 2006, "An introduction to ROC analysis", PRL 27:861), as
-  ``roc_auc_score(multi_class="ovr", average="macro")``.
+  ``roc_auc_score(multi_class="ovr", average="macro")``. :func:`auc_ci` adds a stratified
+  bootstrap percentile interval.
 * **ECE** (expected calibration error; Guo, Pleiss, Sun & Weinberger 2017, "On Calibration
   of Modern Neural Networks", ICML, eq. 3): the confidence of an example is the probability
   of its ``argmax`` class (``max(p, 1 - p)`` for a sigmoid head, independent of
@@ -78,6 +82,7 @@ __all__ = [
     "PROB_SUM_ATOL",
     "RELIABILITY_KEYS",
     "UndefinedMetricWarning",
+    "auc_ci",
     "classification_metrics",
     "plot_reliability",
     "reliability_diagram",
@@ -92,6 +97,9 @@ BINARY_METRIC_KEYS = (
     "recall",
     "specificity",
     "f1",
+    "precision_micro",
+    "recall_micro",
+    "f1_micro",
     "g_mean",
     "roc_auc",
     "ece",
@@ -299,6 +307,89 @@ def plot_reliability(diagram: Mapping[str, object], ax=None):
     ax.set_title(f"Reliability diagram (ECE = {float(diagram['ece']):.3f}, n = {n})")
     ax.legend(loc="upper left", fontsize="small")
     return fig
+
+
+def auc_ci(labels, scores, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+    """ROC AUC with a stratified bootstrap percentile confidence interval.
+
+    Each resample draws ``n_pos`` positives from the positives and ``n_neg`` negatives from
+    the negatives, with replacement (class sizes fixed, so every resample has an AUC; the
+    stratified bootstrap of pROC's ``ci.auc``, Robin et al. 2011, BMC Bioinformatics
+    12:77). The draw is, for ``b = 0..n_boot-1`` in order, with ``rng =
+    np.random.default_rng(seed)``: ``rng.integers(0, n_pos, n_pos)`` (indices into the
+    positives in data order) then ``rng.integers(0, n_neg, n_neg)`` (into the negatives).
+    The AUC of a resample is the Mann-Whitney statistic (as in
+    :func:`classification_metrics`, equal to ``sklearn.metrics.roc_auc_score``); the
+    interval is the ``(1 -/+ level) / 2`` quantiles of the ``n_boot`` AUCs (``np.quantile``,
+    linear interpolation; Efron & Tibshirani 1993, ch. 13).
+
+    Args:
+      labels: ``[n]`` binary labels (0/1, bool, or integer-valued floats); class 1 positive.
+      scores: ``[n]`` real scores, higher meaning more likely positive (probabilities or
+        logits); ``[n, 1]`` or ``[n, 2]`` probabilities use their last column.
+      n_boot: number of bootstrap resamples, ``>= 1``.
+      seed: seed of ``np.random.default_rng``; the result is deterministic for a seed.
+      level: confidence level in (0, 1).
+
+    Returns:
+      A :class:`featsim.metrics.stats.BootstrapResult`: ``estimate`` (the AUC of the data),
+      ``low``, ``high``, ``std`` (``ddof=1`` over the resamples), ``confidence=level``,
+      ``n_resamples=n_boot``, ``method="percentile"`` and ``distribution`` (float64
+      ``[n_boot]``).
+
+    Raises:
+      ValueError: invalid shapes or values, labels other than 0/1, only one class present
+        (the AUC is undefined), ``n_boot < 1`` or ``level`` outside (0, 1).
+
+    Example:
+      >>> res = auc_ci([0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.2, 0.9], n_boot=200)
+      >>> round(res.estimate, 4), bool(res.low <= res.estimate <= res.high)
+      (0.8889, True)
+    """
+    from featsim.metrics.stats import BootstrapResult
+
+    scores_in = np.asarray(scores)
+    if scores_in.ndim == 2 and scores_in.shape[1] in (1, 2):
+        labels, probs, _ = _check_labels_probs(labels, scores_in, num_classes=2)
+        scores = _positive_probs(probs)
+    else:
+        if scores_in.ndim != 1:
+            raise ValueError(f"scores must have shape [n] (or [n, 1], [n, 2] probabilities), "
+                             f"got shape {scores_in.shape}")
+        if not (np.issubdtype(scores_in.dtype, np.floating)
+                or np.issubdtype(scores_in.dtype, np.integer)):
+            raise ValueError(f"scores must be a real array, got dtype {scores_in.dtype}")
+        scores = scores_in.astype(np.float64)
+        if not np.all(np.isfinite(scores)):
+            raise ValueError(
+                f"scores contains {int(np.sum(~np.isfinite(scores)))} NaN/inf values")
+        # Probability-range checks do not apply to scores: validate labels against [n, 1].
+        labels, _, _ = _check_labels_probs(labels, np.zeros((scores.size, 1)), num_classes=2)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    level = _as_float(level, "level")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1) (exclusive), got {level}")
+    positive = labels == 1
+    pos, neg = scores[positive], scores[~positive]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(
+            f"the AUC needs both classes; labels hold {pos.size} positives and {neg.size} "
+            "negatives")
+    is_pos = np.concatenate([np.ones(pos.size, bool), np.zeros(neg.size, bool)])
+    estimate = _mann_whitney_auc(is_pos, np.concatenate([pos, neg]))
+    rng = np.random.default_rng(seed)
+    distribution = np.empty(int(n_boot), np.float64)
+    for b in range(int(n_boot)):
+        i = rng.integers(0, pos.size, pos.size)
+        j = rng.integers(0, neg.size, neg.size)
+        distribution[b] = _mann_whitney_auc(is_pos, np.concatenate([pos[i], neg[j]]))
+    low, high = np.quantile(distribution, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return BootstrapResult(
+        estimate=float(estimate), low=float(low), high=float(high),
+        std=float(np.std(distribution, ddof=1)) if n_boot > 1 else math.nan,
+        confidence=level, n_resamples=int(n_boot), method="percentile",
+        distribution=distribution)
 
 
 def summarize_runs(runs: Sequence[Mapping[str, float]]) -> dict[str, tuple[float, float]]:
@@ -579,6 +670,10 @@ def _binary_metrics(labels, p_pos, threshold, n_bins) -> dict[str, float]:
         "recall": recall,
         "specificity": specificity,
         "f1": float(_ratio(2 * tp, 2 * tp + fp + fn)),
+        # Counts summed over both classes: class 0's tp is tn, its fp is fn, its fn is fp.
+        "precision_micro": float(_ratio(tp + tn, tp + tn + fp + fn)),
+        "recall_micro": float(_ratio(tp + tn, tp + tn + fn + fp)),
+        "f1_micro": float(_ratio(2 * (tp + tn), 2 * (tp + tn) + 2 * (fp + fn))),
         "g_mean": math.sqrt(recall * specificity),
         "roc_auc": auc,
         "ece": _ece(conf, correct, n_bins),

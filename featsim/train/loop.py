@@ -30,13 +30,19 @@ from tqdm.auto import tqdm
 
 import featsim
 from featsim import parallel
-from featsim.backbones.registry import get_backbone, load_pretrained
+from featsim.backbones.registry import get_backbone
 from featsim.backbones.weights import save_variables
 from featsim.data.transforms import Transform
-from featsim.train import strategies
+from featsim.train import heads, strategies
+from featsim.train.callbacks import StopWhen
 from featsim.train.config import TrainConfig
 from featsim.train.data import Dataset, batches, load_dataset, split_validation
-from featsim.train.evaluation import classification_metrics, summarize_runs
+from featsim.train.evaluation import (
+    BINARY_METRIC_KEYS,
+    MULTICLASS_METRIC_KEYS,
+    classification_metrics,
+    summarize_runs,
+)
 from featsim.train.losses import class_weights as balanced_class_weights
 from featsim.train.steps import StepConfig, TrainState, make_eval_step, make_train_step
 
@@ -45,11 +51,11 @@ __all__ = ["create_train_state", "evaluate", "run_seeds", "train_and_evaluate"]
 
 def _initial_variables(config: TrainConfig, num_classes: int, rng, weights):
     """Pretrained (new head), random (scratch) or Mean Var variables, as numpy."""
-    backbone = get_backbone(config.backbone, num_classes=num_classes)
+    backbone = heads.model_for(config, num_classes)
     head_key, init_key = jax.random.split(rng)
-    if config.strategy == "scratch":
+    if config.strategy == "scratch" or config.init == "random":
         return backbone, jax.tree.map(np.asarray, backbone.init(init_key))
-    pretrained = load_pretrained(backbone, path=weights, skip_head=True, rng=head_key)
+    pretrained = heads.load_pretrained_model(backbone, path=weights, rng=head_key)
     variables = pretrained.variables
     if config.strategy == "meanvar":
         variables = dict(variables, params=strategies.meanvar_init(variables["params"],
@@ -64,8 +70,7 @@ def create_train_state(config: TrainConfig, num_classes: int, steps_per_epoch: i
                        weights=None):
     """The initial :class:`TrainState` and the static :class:`StepConfig` of a run."""
     backbone, variables = _initial_variables(config, num_classes, rng, weights)
-    module = get_backbone(config.backbone, num_classes=num_classes,
-                          bn_axis_name=parallel.DATA_AXIS).module
+    module = heads.model_for(config, num_classes, bn_axis_name=parallel.DATA_AXIS).module
     stages = strategies.leaf_stages(backbone.module, variables, backbone.input_shape)
     labels = strategies.strategy_labels(stages, config.strategy,
                                         partial_stages=config.partial_stages)
@@ -88,28 +93,61 @@ def create_train_state(config: TrainConfig, num_classes: int, steps_per_epoch: i
         scale=tuple(float(v) for v in scale),
         offset=tuple(float(v) for v in offset),
         axis_name=parallel.DATA_AXIS,
+        aux_targets=config.aux_targets,
+        aux_weight=config.aux_weight,
     )
     return state, step_config, backbone, transform
 
 
 def _batch(dataset: Dataset, index, mask):
-    return {"images": dataset.images[index], "labels": dataset.labels[index], "mask": mask}
+    batch = {"images": dataset.images[index], "labels": dataset.labels[index], "mask": mask}
+    if dataset.targets is not None:
+        batch["targets"] = dataset.targets[index]
+    return batch
+
+
+_AUX_SUMS = {"ce_sum": "class_loss", "aux_err_sum": "aux_mse"}  # step output -> metric
+
+
+def _add_aux_sums(sums: dict, out) -> None:
+    for key in _AUX_SUMS:
+        if key in out:
+            sums[key] = sums.get(key, 0.0) + float(np.asarray(out[key])[0])
+
+
+def _aux_metrics(sums: dict, count: float) -> dict:
+    """With an auxiliary head: the class-weighted cross-entropy alone and the regression
+    MSE (mean over examples and targets), beside the total ``loss``."""
+    return {name: sums[key] / count for key, name in _AUX_SUMS.items() if key in sums}
+
+
+def _check_targets(dataset: Dataset, aux_targets: int, name: str) -> None:
+    if not aux_targets:
+        return
+    shape = None if dataset.targets is None else dataset.targets.shape
+    if shape != (len(dataset), aux_targets):
+        raise ValueError(
+            f"aux_targets={aux_targets} needs {name} regression targets of shape "
+            f"({len(dataset)}, {aux_targets}), got {shape} from {dataset.source!r} (give "
+            "target_columns naming labels.csv columns)")
 
 
 def evaluate(p_eval_step, state, dataset: Dataset, batch_size: int) -> dict:
     """Loss and every classification metric of ``state`` on ``dataset`` (inference mode)."""
-    loss_sum, count, probs, labels = 0.0, 0.0, [], []
+    loss_sum, count, probs, labels, aux = 0.0, 0.0, [], [], {}
     for index, mask in batches(len(dataset), batch_size, n_devices=jax.device_count()):
         index, mask = parallel.process_slice(index, mask)
         out = p_eval_step(state, parallel.shard(_batch(dataset, index, mask)))
+        _add_aux_sums(aux, out)
         loss_sum += float(np.asarray(out["loss_sum"])[0])
         count += float(np.asarray(out["count"])[0])
         probs.append(parallel.unshard(out["probs"])[mask > 0])
         labels.append(dataset.labels[index][mask > 0])
     # The loss is global (psum); with several processes the other metrics cover this
     # process's share of the examples.
-    return classification_metrics(np.concatenate(labels), np.concatenate(probs),
-                                  num_classes=dataset.num_classes, loss=loss_sum / count)
+    metrics = classification_metrics(np.concatenate(labels), np.concatenate(probs),
+                                     num_classes=dataset.num_classes, loss=loss_sum / count)
+    return {**metrics, **_aux_metrics(aux, count)}
 
 
 def _save_json(path: Path, value) -> None:
@@ -180,14 +218,22 @@ def train_and_evaluate(
     probe = get_backbone(config.backbone, num_classes=None)
     transform = Transform.for_backbone(probe.preprocessing, config.normalization)
     if not isinstance(train, Dataset):
-        train = load_dataset(train, transform, dtype=config.image_dtype, data_dir=data_dir)
+        train = load_dataset(train, transform, dtype=config.image_dtype, data_dir=data_dir,
+                             target_columns=config.target_columns)
     if not isinstance(test, Dataset):
-        test = load_dataset(test, transform, dtype=config.image_dtype, data_dir=data_dir)
+        test = load_dataset(test, transform, dtype=config.image_dtype, data_dir=data_dir,
+                            target_columns=config.target_columns)
+    _check_targets(train, config.aux_targets, "train")
+    _check_targets(test, config.aux_targets, "test")
     val = None
     if config.val_fraction:
         train, val = split_validation(train, config.val_fraction, config.seed)
     num_classes = train.num_classes
     head = 1 if num_classes == 2 else num_classes
+    stop_rule = StopWhen(config.stop_when) if config.stop_when else None
+    if stop_rule is not None:  # fail before training, not after the first epoch
+        keys = BINARY_METRIC_KEYS if num_classes == 2 else MULTICLASS_METRIC_KEYS
+        stop_rule.check_available(f"val_{k}" for k in (*keys, "loss"))
     weights_c = (balanced_class_weights(train.labels, num_classes)
                  if config.class_weighting == "balanced" else np.ones(num_classes, np.float32))
     steps_per_epoch = math.ceil(len(train) / batch_size)
@@ -207,17 +253,20 @@ def train_and_evaluate(
         host_state, start_epoch, history, best = _load_checkpoint(
             checkpoint, parallel.unreplicate(state))
         state = parallel.replicate(host_state)
+        if history and history[-1].get("stop_reason"):
+            start_epoch = config.epochs  # the run had stopped: do not train on
     bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"{config.backbone} "
                f"{config.strategy}", unit="epoch", disable=not progress)
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
-        loss_sum, count, probs, seen = 0.0, 0.0, [], []
+        loss_sum, count, probs, seen, aux = 0.0, 0.0, [], [], {}
         epoch_key = jax.random.fold_in(data_key, epoch)
         for i, (index, mask) in enumerate(batches(len(train), batch_size, n_devices=ndev,
                                                   shuffle_key=epoch_key)):
             index, mask = parallel.process_slice(index, mask)
             key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), i)
             state, out = p_train(state, parallel.shard(_batch(train, index, mask)), key)
+            _add_aux_sums(aux, out)
             loss_sum += float(np.asarray(out["loss_sum"])[0])
             count += float(np.asarray(out["count"])[0])
             probs.append(parallel.unshard(out["probs"])[mask > 0])
@@ -226,6 +275,7 @@ def train_and_evaluate(
         train_metrics = classification_metrics(
             train.labels[np.concatenate(seen)], np.concatenate(probs),
             num_classes=num_classes, loss=loss_sum / count)
+        train_metrics.update(_aux_metrics(aux, count))
         row.update({f"train_{k}": v for k, v in train_metrics.items()})
         if val is not None:
             row.update({f"val_{k}": v for k, v in evaluate(p_eval, state, val,
@@ -234,14 +284,19 @@ def train_and_evaluate(
                                                         batch_size).items()})
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        stop = False
+        stop = None
         if val is not None:
             if best["val_loss"] is None or row["val_loss"] < best["val_loss"]:
                 best = {"epoch": epoch + 1, "val_loss": row["val_loss"]}
                 _save_model(workdir / "best_model.msgpack", state, config, head)
             elif (config.early_stopping_patience is not None
                   and epoch + 1 - best["epoch"] >= config.early_stopping_patience):
-                stop = True
+                stop = (f"early_stopping_patience={config.early_stopping_patience}: no "
+                        f"val_loss below epoch {best['epoch']}'s {best['val_loss']:.6g}")
+            if stop_rule is not None and stop_rule.holds(row):
+                stop = f"stop_when {stop_rule.describe(row)}"
+        if stop:
+            row["stop_reason"] = stop  # in history.json/csv and metrics.json
         _save_checkpoint(checkpoint, state, epoch + 1, history, best)
         _write_history(workdir, history)
         bar.update(1)
@@ -260,6 +315,7 @@ def train_and_evaluate(
     result.update(epoch=chosen_epoch, epochs_run=len(history), n_train=len(train),
                   n_val=0 if val is None else len(val), n_test=len(test),
                   seconds=time.perf_counter() - started, devices=ndev,
+                  stop_reason=history[-1].get("stop_reason"),
                   config=config.to_dict(), featsim_version=featsim.__version__)
     _save_json(workdir / "metrics.json", result)
     return result

@@ -48,6 +48,8 @@ __all__ = [
     "CLASS_WEIGHT_MODES",
     "class_weights",
     "masked_mean",
+    "multitask_example_losses",
+    "multitask_loss",
     "weighted_bce",
     "weighted_example_losses",
     "weighted_softmax_ce",
@@ -311,3 +313,70 @@ def weighted_example_losses(logits, labels, class_weights):
     else:
         per_example, weight = _softmax_ce_terms(logits, labels, w)
     return per_example * weight
+
+
+def multitask_example_losses(logits, labels, preds, targets, class_weights, alpha):
+    """Per-example ``(w[y_i] l_i + alpha * e_i, w[y_i] l_i, e_i)``, each ``[n]``, unreduced,
+    with ``e_i = mean_j (preds_ij - targets_ij)^2``: the terms of :func:`multitask_loss` that
+    the training step sums over devices itself (global normaliser)."""
+    ce = weighted_example_losses(logits, labels, class_weights)
+    dtype = jnp.promote_types(ce.dtype, jnp.promote_types(jnp.asarray(preds).dtype,
+                                                          jnp.float32))
+    err = jnp.mean(jnp.square(jnp.asarray(preds, dtype) - jnp.asarray(targets, dtype)),
+                   axis=-1)
+    return ce + alpha * err, ce, err
+
+
+def multitask_loss(logits, labels, preds, targets, alpha, class_weights=None, mask=None):
+    """Classification plus auxiliary regression: ``L_CE + alpha * L_MSE``; jittable.
+
+    Park ("Cross-domain transfer learning for medical condition classification from infant
+    X-ray images", eq. 2-4) trains an 11-class diagnosis with an age-regression head,
+    ``L_total = L_CE + alpha * L_MSE`` with ``alpha = 0.8``. Here::
+
+        L_CE  = sum_i w[y_i] m_i l_i / sum_i m_i       (weighted_softmax_ce / weighted_bce)
+        L_MSE = sum_i m_i sum_j (p_ij - t_ij)^2 / (T * sum_i m_i)
+
+    Class weights apply to the cross-entropy term only; every example's regression error
+    counts the same. Masked (padding) rows contribute nothing to either term. With
+    ``alpha == 0`` the result equals the plain classification loss exactly (for finite
+    predictions and targets).
+
+    Args:
+      logits: float ``[n, C]`` (softmax) or ``[n, 1]`` / ``[n]`` (sigmoid).
+      labels: int ``[n]``.
+      preds: float ``[n, T]`` (or ``[n]`` for ``T = 1``), the auxiliary head's output.
+      targets: float, the shape of ``preds``.
+      alpha: weight of the regression term (>= 0).
+      class_weights: float ``[C]`` (``[2]`` for sigmoid), or None.
+      mask: None or ``[n]``; 0 marks padding.
+
+    Returns:
+      0-d float array.
+
+    Raises:
+      ValueError: inconsistent shapes (checked at trace time).
+
+    Example:
+      >>> float(multitask_loss(jnp.zeros((2, 4)), jnp.array([0, 3]), jnp.array([1.0, 2.0]),
+      ...                      jnp.array([0.0, 0.0]), 0.5))  # log(4) + 0.5 * 2.5
+      2.636294364929199
+    """
+    logits = jnp.asarray(logits)
+    n = logits.shape[0]
+    preds, targets = jnp.asarray(preds), jnp.asarray(targets)
+    if preds.ndim == 1:
+        preds = preds[:, None]
+    if targets.ndim == 1:
+        targets = targets[:, None]
+    if preds.ndim != 2 or preds.shape[0] != n or targets.shape != preds.shape:
+        raise ValueError(f"preds and targets must both have shape [n, T] with n == {n}; got "
+                         f"preds {preds.shape}, targets {targets.shape}")
+    if logits.ndim == 1 or logits.shape[-1] == 1:
+        ce = weighted_bce(logits, labels, class_weights, mask)
+    else:
+        ce = weighted_softmax_ce(logits, labels, class_weights, mask)
+    dtype = jnp.promote_types(ce.dtype, jnp.promote_types(preds.dtype, jnp.float32))
+    err = jnp.mean(jnp.square(preds.astype(dtype) - targets.astype(dtype)), axis=-1)
+    mse = masked_mean(err, _check_mask(mask, n, dtype))
+    return ce + jnp.asarray(alpha, ce.dtype) * mse

@@ -8,6 +8,11 @@ pure functions ``train_step(state, batch, key) -> (state, metrics)`` and
 examples and gradients are summed with ``lax.psum``, BatchNorm statistics are synchronised
 by the modules' ``bn_axis_name``, so a step over 2 devices equals one step over 1 device on
 the same global batch. Padded examples (``mask`` 0) contribute nothing.
+
+With an auxiliary regression head (``StepConfig.aux_targets > 0``, :mod:`featsim.train.heads`)
+the per-example loss is :func:`~featsim.train.losses.multitask_example_losses` (class-weighted
+cross-entropy + ``aux_weight`` x squared error), under the same global normaliser, and
+``batch["targets"]`` ``[b, T]`` is required.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from flax.training import train_state
 from jax import lax
 
 from featsim.train.augment import AugmentConfig, apply_params, sample_params
+from featsim.train.losses import multitask_example_losses
 from featsim.train.losses import weighted_example_losses as example_losses
+from featsim.train.strategies import AUX_KEY
 
 __all__ = ["TrainState", "make_eval_step", "make_train_step", "probabilities"]
 
@@ -63,6 +70,21 @@ class StepConfig(struct.PyTreeNode):
     scale: tuple = struct.field(pytree_node=False, default=(1.0, 1.0, 1.0))
     offset: tuple = struct.field(pytree_node=False, default=(0.0, 0.0, 0.0))
     axis_name: str | None = struct.field(pytree_node=False, default=None)
+    aux_targets: int = struct.field(pytree_node=False, default=0)
+    aux_weight: float = struct.field(pytree_node=False, default=0.0)
+
+
+def _example_losses(cfg: StepConfig, logits, features, batch, class_weights):
+    """Per-example total loss ``[b]`` and, with an auxiliary head, the extra sums to report:
+    ``ce_sum`` (class-weighted cross-entropy) and ``aux_err_sum`` (mean squared error over
+    the T targets), both masked and local."""
+    if not cfg.aux_targets:
+        return example_losses(logits, batch["labels"], class_weights), {}
+    total, ce, err = multitask_example_losses(logits, batch["labels"], features[AUX_KEY],
+                                              batch["targets"], class_weights,
+                                              cfg.aux_weight)
+    mask = batch["mask"]
+    return total, {"ce_sum": jnp.sum(ce * mask), "aux_err_sum": jnp.sum(err * mask)}
 
 
 def _normalize(images, cfg: StepConfig):
@@ -86,8 +108,10 @@ def _augment(key, images, cfg: StepConfig):
 def make_train_step(cfg: StepConfig, class_weights):
     """``train_step(state, batch, key) -> (state, metrics)``.
 
-    ``batch``: ``images [b, S, S, 3]`` on [0, 255], ``labels [b]`` int, ``mask [b]``.
-    ``metrics``: ``loss_sum``, ``count`` (global) and per-example ``probs`` (local rows).
+    ``batch``: ``images [b, S, S, 3]`` on [0, 255], ``labels [b]`` int, ``mask [b]``
+    (and ``targets [b, T]`` float with an auxiliary head).
+    ``metrics``: ``loss_sum``, ``count`` (global) and per-example ``probs`` (local rows);
+    with an auxiliary head also ``ce_sum`` and ``aux_err_sum`` (global).
     """
     class_weights = jnp.asarray(class_weights, jnp.float32)
 
@@ -114,17 +138,18 @@ def make_train_step(cfg: StepConfig, class_weights):
             if state.batch_stats is not None:
                 variables["batch_stats"] = state.batch_stats
             if cfg.body_train_mode:
-                (logits, _), updates = state.apply_fn(
+                (logits, feats), updates = state.apply_fn(
                     variables, x, train=True, mutable=["batch_stats"],
                     rngs={"dropout": dropout_key})
                 stats = updates.get("batch_stats", state.batch_stats)
             else:
-                logits, _ = state.apply_fn(variables, x, train=False)
+                logits, feats = state.apply_fn(variables, x, train=False)
                 stats = state.batch_stats
-            losses = example_losses(logits, batch["labels"], class_weights)
-            return jnp.sum(losses * mask) / jnp.maximum(count, 1.0), (logits, stats)
+            losses, extra = _example_losses(cfg, logits, feats, batch, class_weights)
+            return jnp.sum(losses * mask) / jnp.maximum(count, 1.0), (logits, stats, extra)
 
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
         grads = _global_sum(grads, cfg.axis_name)
         loss = _global_sum(loss, cfg.axis_name)
         if stats is not None and cfg.frozen_stats:
@@ -132,7 +157,9 @@ def make_train_step(cfg: StepConfig, class_weights):
                                     for k in traverse_util.flatten_dict(stats)},
                             stats, state.batch_stats)
         state = state.apply_gradients(grads=grads, batch_stats=stats)
-        return state, {"loss_sum": loss * count, "count": count, "probs": probabilities(logits)}
+        extra = {k: _global_sum(v, cfg.axis_name) for k, v in extra.items()}
+        return state, {"loss_sum": loss * count, "count": count, "probs": probabilities(logits),
+                       **extra}
 
     return train_step
 
@@ -145,10 +172,13 @@ def make_eval_step(cfg: StepConfig, class_weights):
         variables = {"params": state.params}
         if state.batch_stats is not None:
             variables["batch_stats"] = state.batch_stats
-        logits, _ = state.apply_fn(variables, _normalize(batch["images"], cfg), train=False)
-        losses = example_losses(logits, batch["labels"], class_weights) * batch["mask"]
+        logits, feats = state.apply_fn(variables, _normalize(batch["images"], cfg),
+                                       train=False)
+        losses, extra = _example_losses(cfg, logits, feats, batch, class_weights)
+        losses = losses * batch["mask"]
         return {"loss_sum": _global_sum(losses.sum(), cfg.axis_name),
                 "count": _global_sum(batch["mask"].sum(), cfg.axis_name),
-                "probs": probabilities(logits)}
+                "probs": probabilities(logits),
+                **{k: _global_sum(v, cfg.axis_name) for k, v in extra.items()}}
 
     return eval_step

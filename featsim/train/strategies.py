@@ -2,7 +2,8 @@
 
 Every variable leaf gets a *stage*: the first tapped feature (``stem``, ``stage1``, ...,
 in network order) whose value depends on it, found by a dependency pass over the model's
-jaxpr (exact, no per-family tables). Leaves that feed only the logits are the head.
+jaxpr (exact, no per-family tables). Leaves that feed only the logits (or the auxiliary
+regression output ``features[AUX_KEY]``, :mod:`featsim.train.heads`) are the head.
 Strategies then label leaves ``"head"``, ``"body"`` or ``"frozen"`` and
 :func:`make_optimizer` gives each label its own optax transform, with
 ``optax.set_to_zero()`` for ``"frozen"`` (so frozen parameters stay bit-identical).
@@ -19,6 +20,7 @@ import optax
 from flax import traverse_util
 
 __all__ = [
+    "AUX_KEY",
     "HEAD",
     "leaf_stages",
     "make_optimizer",
@@ -29,6 +31,9 @@ __all__ = [
 ]
 
 HEAD = "logits"  # leaves that feed only the logits: the classifier head
+# The auxiliary regression head's output (featsim.train.heads), returned in the features dict:
+# a head output, not a tap, so leaves that feed only it are head too.
+AUX_KEY = "aux_pred"
 
 
 def tap_order(names) -> list[str]:
@@ -76,7 +81,7 @@ def leaf_stages(module, variables, input_shape) -> dict[tuple[str, ...], str]:
         logits, feats = module.apply(traverse_util.unflatten_dict(dict(zip(paths, leaves,
                                                                            strict=True))),
                                      x, train=False)
-        return feats, logits
+        return {k: v for k, v in feats.items() if k != AUX_KEY}, logits
 
     shapes = [jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for v in flat.values()]
     closed, out_shape = jax.make_jaxpr(outputs, return_shape=True)(

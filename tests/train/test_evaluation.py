@@ -22,6 +22,7 @@ from featsim.train.evaluation import (
     PROB_SUM_ATOL,
     RELIABILITY_KEYS,
     UndefinedMetricWarning,
+    auc_ci,
     classification_metrics,
     plot_reliability,
     reliability_diagram,
@@ -96,6 +97,10 @@ def test_binary_matches_sklearn(threshold):
     np.testing.assert_allclose(m["g_mean"], math.sqrt(rec * spec), rtol=1e-12)
     np.testing.assert_allclose(m["roc_auc"], roc_auc_score(labels, p), rtol=1e-12)
     np.testing.assert_allclose(m["ece"], _naive_ece(labels, p, 15), rtol=1e-12)
+    micro = precision_recall_fscore_support(labels, pred, average="micro", zero_division=0)
+    for key, want in zip(("precision_micro", "recall_micro", "f1_micro"), micro[:3],
+                         strict=True):
+        np.testing.assert_allclose(m[key], want, rtol=1e-12, err_msg=key)
     assert all(isinstance(v, float) for k, v in m.items() if k not in ("tp", "fp", "tn", "fn"))
 
 
@@ -414,3 +419,94 @@ def test_summarize_runs_degenerate():
         summarize_runs([{"model": "resnet18"}])
     with pytest.raises(ValueError, match="sequence"):
         summarize_runs({"acc": 0.5})
+
+
+# ------------------------------------------------------------------------------------------
+# Binary micro averages (El Azhari reports micro precision, recall and F1)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("labels, pred", [
+    ([0, 1, 1, 0, 1, 1, 0], [0, 1, 0, 0, 1, 1, 1]),
+    ([1, 1, 1, 1], [0, 0, 0, 0]),  # no predicted positives: binary precision 0, micro not
+    ([0, 0, 0], [0, 0, 0]),  # one class only
+])
+def test_binary_micro_matches_sklearn_edge_cases(labels, pred):
+    with warnings.catch_warnings():  # one-class cases: the AUC (not tested here) is NaN
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        m = classification_metrics(np.array(labels), np.array(pred, np.float64))  # p in {0,1}
+    want = precision_recall_fscore_support(labels, pred, average="micro", labels=[0, 1],
+                                           zero_division=0)
+    got = (m["precision_micro"], m["recall_micro"], m["f1_micro"])
+    np.testing.assert_allclose(got, want[:3], rtol=1e-12)
+    # Single-label binary data: every micro average is the accuracy.
+    np.testing.assert_allclose(got, [accuracy_score(labels, pred)] * 3, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# auc_ci
+# ------------------------------------------------------------------------------------------
+
+
+def _sklearn_stratified_bootstrap(labels, scores, n_boot, seed):
+    """The documented draw, each resample's AUC from scikit-learn."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_boot):
+        i = rng.integers(0, pos.size, pos.size)
+        j = rng.integers(0, neg.size, neg.size)
+        y = np.r_[np.ones(pos.size), np.zeros(neg.size)]
+        out.append(roc_auc_score(y, np.r_[pos[i], neg[j]]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_auc_ci_matches_sklearn_on_the_same_resamples(coarse):
+    labels, p = _binary_data(n=120, seed=11)
+    scores = np.round(p, 1) if coarse else p  # ties within and across classes
+    res = _quiet(auc_ci, labels, scores, n_boot=300, seed=7, level=0.9)
+    want = _sklearn_stratified_bootstrap(labels, scores, 300, 7)
+    np.testing.assert_allclose(res.distribution, want, rtol=1e-12)
+    np.testing.assert_allclose(res.estimate, roc_auc_score(labels, scores), rtol=1e-12)
+    np.testing.assert_allclose([res.low, res.high], np.percentile(want, [5, 95]), rtol=1e-12)
+    np.testing.assert_allclose(res.std, np.std(want, ddof=1), rtol=1e-12)
+    assert (res.confidence, res.n_resamples, res.method) == (0.9, 300, "percentile")
+    assert res.distribution.dtype == np.float64 and res.distribution.shape == (300,)
+    assert res.low < res.estimate < res.high
+
+
+def test_auc_ci_other_seed_agrees_within_monte_carlo_error():
+    labels, p = _binary_data(n=200, seed=12)
+    a = auc_ci(labels, p, n_boot=2000, seed=0)
+    b = _sklearn_stratified_bootstrap(labels, p, 2000, 123)  # independent resamples
+    lo, hi = np.percentile(b, [2.5, 97.5])
+    # Monte Carlo error of a 2.5% quantile from 2000 resamples is ~0.005 here.
+    assert abs(a.low - lo) < 0.02 and abs(a.high - hi) < 0.02
+    again = auc_ci(labels, p, n_boot=2000, seed=0)  # deterministic for a seed
+    np.testing.assert_array_equal(again.distribution, a.distribution)
+
+
+def test_auc_ci_accepts_logits_and_probability_columns():
+    labels, p = _binary_data(n=60, seed=13)
+    logit = np.log(p / (1 - p))  # outside [0, 1]; same ranks as p
+    ref = auc_ci(labels, p, n_boot=50, seed=1)
+    for scores in (logit, p[:, None], np.stack([1 - p, p], axis=1)):
+        got = auc_ci(labels, scores, n_boot=50, seed=1)
+        np.testing.assert_allclose(got.distribution, ref.distribution, rtol=1e-12)
+        assert (got.estimate, got.low, got.high) == pytest.approx(
+            (ref.estimate, ref.low, ref.high), rel=1e-12)
+
+
+@pytest.mark.parametrize("labels, scores, kwargs, match", [
+    ([1, 1, 1], [0.2, 0.4, 0.9], {}, "needs both classes"),
+    ([0, 1, 2], [0.2, 0.4, 0.9], {}, "labels must lie in"),
+    ([0, 1], [0.2, np.nan], {}, "NaN/inf"),
+    ([0, 1], [[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]], {}, "shape"),
+    ([0, 1, 1], [0.2, 0.4], {}, "labels must have shape"),
+    ([0, 1], [0.2, 0.4], {"n_boot": 0}, "n_boot"),
+    ([0, 1], [0.2, 0.4], {"level": 1.0}, "level"),
+])
+def test_auc_ci_invalid_input(labels, scores, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        auc_ci(labels, scores, **kwargs)
