@@ -379,3 +379,65 @@ def test_common_helpers(ws, monkeypatch):
     assert json.loads(path.read_text()) == {"nan": None, "inf": "inf", "arr": [0, 1]}
     commit = common.git_commit()
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
+
+
+# --------------------------------------------------------------------------------------------
+# covid_ct.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_covid_ct_quick(ws):
+    """El Azhari's 2x2 (random/ImageNet init x frozen/full) + small CNN, tiny CNN, two seeds."""
+    out, runs = ws / "out_covid", ws / "runs_covid"
+    run_script(ws, "covid_ct.py", "--quick", "--backbone", "tiny_cnn", "--weights",
+               ws / "tiny_cnn.msgpack", "--small-cnn", "tiny_cnn", "--data", ws / "ct",
+               "--seeds", "0,1", "--cell-seeds", "random_full=0", "--out", out, "--runs", runs)
+    result = json.loads((out / "results.json").read_text())
+    check_provenance(result["provenance"], "covid_ct.py")
+    assert result["quick"] and result["positive_class"] == "CT_COVID"
+    assert result["n_images"] == 16 and result["n_test"] == 5
+    cells = {c["name"]: c for c in result["cells"]}
+    assert list(cells) == ["pretrained_frozen", "pretrained_full", "random_frozen",
+                           "random_full", "small_cnn"]
+    assert [(c["strategy"], c["init"]) for c in result["cells"]] == [
+        ("linear", "pretrained"), ("finetune", "pretrained"), ("linear", "random"),
+        ("scratch", "pretrained"), ("scratch", "pretrained")]
+    assert len(cells["random_full"]["runs"]) == 1 and len(cells["small_cnn"]["runs"]) == 2
+    assert any("REDUCED: random_full" in d for d in result["differences"])
+    for cell in result["cells"]:
+        for run in cell["runs"]:
+            assert run["tp"] + run["fp"] + run["fn"] + run["tn"] == run["n_test"] == 5
+            for key in ("micro_precision", "micro_recall", "micro_f1"):
+                assert run[key] == pytest.approx(run["accuracy"])
+            assert 0 <= run["auc_ci_low"] <= run["auc_ci_high"] <= 1
+            assert run["accuracy"] == pytest.approx(run["library_test_accuracy"], abs=0.21)
+        s = cell["summary"]
+        assert set(s) >= {"accuracy", "f1", "micro_f1", "roc_auc", "auc_ci_low"}
+    saved = json.loads((runs / "tiny_cnn" / "random_frozen" / "seed_0" / "config.json")
+                       .read_text())
+    assert saved["init"] == "random" and saved["strategy"] == "linear"
+    assert {r["cell"] for r in read_csv(out / "results.csv")} == set(cells)
+    assert len(read_csv(out / "runs.csv")) == 9
+    table = (out / "table.md").read_text()
+    for text in ("QUICK MODE", "Small data, wide intervals", "PUBLISHED, NOT MEASURED",
+                 "Differences from the paper", "Micro F1", "AUC 95% CI"):
+        assert text in table
+    check_png(out / "test_metrics.png")
+    assert result["figures"] == ["test_metrics.png"]
+
+
+def test_covid_ct_helpers(monkeypatch):
+    monkeypatch.syspath_prepend(str(ANALYSIS))
+    covid = importlib.import_module("covid_ct")
+    assert covid.positive_class(("CT_COVID", "CT_NonCOVID"), None) == 0
+    assert covid.positive_class(("NonCOVID", "covid19"), None) == 1
+    assert covid.figure_key("2020.02.10.20021584-p6-52%13.png") == "2020.02.10.20021584"
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    m = covid.test_metrics(labels, np.array([0.9, 0.8, 0.2, 0.6, 0.1, 0.3]), 0, 200)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 1, 2)
+    assert m["precision"] == m["recall"] == pytest.approx(2 / 3)
+    assert m["micro_f1"] == m["micro_precision"] == pytest.approx(4 / 6)
+    assert m["roc_auc"] == pytest.approx(7 / 9)
+    train, test = covid.split(np.array([0, 1] * 10), 0.3, seed=3)
+    assert len(test) == 6 and np.bincount(np.array([0, 1] * 10)[test]).tolist() == [3, 3]
+    assert not set(train) & set(test)
