@@ -130,7 +130,8 @@ def _pretrain_command(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         schedule=args.schedule, decoder_width=args.decoder_width,
         normalization=args.normalization, val_fraction=args.val_fraction, limit=args.limit,
-        image_dtype=args.image_dtype, seed=args.seed)
+        image_dtype=args.image_dtype, seed=args.seed,
+        recompute_batch_stats=not args.no_recompute_bn)
     result = pretrain(config, args.out, args.data, weights=args.weights, resume=args.resume,
                       progress=not args.no_progress, data_dir=args.data_dir)
     history = json.loads((Path(args.out) / "history.json").read_text())
@@ -140,6 +141,11 @@ def _pretrain_command(args) -> int:
     for row in history:
         val = f"  val {row['val_loss']:.4f}" if "val_loss" in row else ""
         print(f"  epoch {row['epoch']:>3}  train {row['train_loss']:.4f}{val}")
+    bn = result.get("batch_stats_recomputed")
+    if bn:
+        val = f" (val L1 {bn['val_loss']:.4f}, was {bn['val_loss_running_stats']:.4f})" if (
+            "val_loss" in bn) else ""
+        print(f"BatchNorm statistics recomputed over {bn['images']} training images{val}")
     print(f"wrote {result['encoder']} (use it with --weights {args.out})")
     return 0
 
@@ -376,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use a seeded random subset of N images")
     pt.add_argument("--image-dtype", default="uint8", choices=("uint8", "float32"))
     pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--no-recompute-bn", action="store_true",
+                    help="save the training-time BatchNorm running averages instead of "
+                         "statistics recomputed over the training images (the default)")
     pt.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     pt.add_argument("--data-dir", default=None, help="tensorflow-datasets folder (tfds:)")
     pt.add_argument("--no-progress", action="store_true")

@@ -2,6 +2,7 @@
 
 from featsim.train.augment import AugmentConfig, augment_batch
 from featsim.train.autoencoder import ConvAutoencoder, ConvDecoder
+from featsim.train.batchnorm import recompute_batch_stats
 from featsim.train.callbacks import StopWhen
 from featsim.train.config import HEADS, INITS, SCHEDULES, STRATEGIES, TrainConfig
 from featsim.train.data import Dataset, batches, load_dataset, split_validation
@@ -52,6 +53,7 @@ __all__ = [
     "multitask_loss",
     "plot_reliability",
     "pretrain",
+    "recompute_batch_stats",
     "reliability_diagram",
     "run_seeds",
     "split_validation",
