@@ -952,6 +952,42 @@ def _movement(d: Delta, before: str, after: str) -> str:
     return f"{direction} ({before} vs {after})"
 
 
+# A representation whose within-domain spread, relative to its own feature norm, is below this
+# fraction of the other's is treated as collapsed (a near-constant output in inference mode).
+COLLAPSE_FACTOR = 1e-3
+
+
+def _relative_spread(report: SimilarityReport, source, target) -> float:
+    """Mean within-domain distance over the RMS feature norm: invariant to rescaling, ~0 when
+    the layer's output barely depends on the image."""
+    rows = np.concatenate([np.asarray(source, np.float64), np.asarray(target, np.float64)])
+    norm = float(np.sqrt(np.mean(np.sum(rows * rows, axis=1))))
+    within = 0.5 * (report.distance_source + report.distance_target)
+    return within / norm if norm > 0 else 0.0
+
+
+def _collapse_note(result: ComparisonResult) -> str | None:
+    """A sentence when one representation is (nearly) constant across images, else None."""
+    layer = result.layer
+    spread = {
+        "pretrained": _relative_spread(result.change.before, result.before_source[layer],
+                                       result.before_target[layer]),
+        "fine-tuned": _relative_spread(result.change.after, result.after_source[layer],
+                                       result.after_target[layer]),
+    }
+    for name, other in (("fine-tuned", "pretrained"), ("pretrained", "fine-tuned")):
+        if spread[name] < COLLAPSE_FACTOR * spread[other]:
+            return (f"The {name} features have collapsed: their within-domain spread relative "
+                    f"to their norm is {spread[name]:.3g}, against {spread[other]:.3g} for the "
+                    f"{other} ones, so at {layer} the output barely depends on the image and "
+                    "every statistic compares near-constant vectors (for a network trained "
+                    "briefly from random initialisation, a usual cause is BatchNorm running "
+                    "statistics that have not converged; see "
+                    "featsim.train.recompute_batch_stats). No verdict on Proposition 5 is "
+                    "drawn from these numbers.")
+    return None
+
+
 def _verdict(result: ComparisonResult) -> str:
     c = result.change
     d = c.deltas["distance"]
@@ -973,7 +1009,10 @@ def _verdict(result: ComparisonResult) -> str:
         groups.setdefault(s.direction(), []).append(_LABELS[s.name])
     fell = groups.get("fell", [])
     others = "; ".join(f"{', '.join(v)} {k}" for k, v in groups.items() if k != "fell")
-    if dir_d == "fell":
+    collapse = _collapse_note(result)
+    if collapse is not None:
+        sentences.append(collapse)
+    elif dir_d == "fell":
         if len(fell) == len(scale_free):
             sentences.append(
                 "Every scale-free form fell too, so the fall of D is not only a rescaling of "

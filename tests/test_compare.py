@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import types
 
 import jax
 import numpy as np
@@ -346,6 +347,40 @@ def test_rescaled_backbone_lowers_raw_d_only(lite0, halved_stage7, images, cache
         np.testing.assert_allclose(r.layer_cka[layer], 1.0, rtol=1e-12, err_msg=layer)
     assert "D fell" in r.verdict
     assert "No scale-free form fell" in r.verdict and "factor 0.5" in r.verdict
+    assert "collapsed" not in r.verdict  # a rescaling is not a collapse
+
+
+class _Layered(dict):
+    """Stands in for Features in the verdict: features by layer, and a length."""
+
+    def __len__(self):
+        return len(next(iter(self.values())))
+
+
+def test_collapsed_features_get_no_proposition_verdict():
+    from featsim.compare import _verdict
+
+    s, t = _sets(2)
+    rng = np.random.default_rng(3)
+    centre = rng.normal(size=s.shape[1])  # a near-constant "after": centre + tiny noise
+    s_after = centre + 1e-7 * rng.normal(size=s.shape)
+    t_after = centre + 1e-7 * rng.normal(size=t.shape)
+    change = feature_change(s, t, s_after, t_after, n_bootstrap=50, n_permutations=50,
+                            kid_subset_size=20)
+    result = types.SimpleNamespace(
+        change=change, layer="x", layer_cka={"x": 0.0},
+        before_source=_Layered(x=s), before_target=_Layered(x=t),
+        after_source=_Layered(x=s_after), after_target=_Layered(x=t_after))
+    verdict = _verdict(result)
+    assert "D fell" in verdict  # raw D still falls, and is reported as measured ...
+    assert "fine-tuned features have collapsed" in verdict  # ... but not read as support
+    assert "Proposition 5 states" not in verdict and "No verdict" in verdict
+    # The same data merely rescaled (x 1e-3) is a change of scale, not a collapse.
+    scaled = feature_change(s, t, 1e-3 * s, 1e-3 * t, n_bootstrap=0, n_permutations=0,
+                            kid_subset_size=20)
+    result.change = scaled
+    result.after_source, result.after_target = _Layered(x=1e-3 * s), _Layered(x=1e-3 * t)
+    assert "collapsed" not in _verdict(result)
 
 
 def test_cli_compare_with_a_finetuned_run(finetuned_dir, images, cache_dir, tmp_path, capsys):
