@@ -15,9 +15,7 @@ devices, and ``pmap``'s collectives span all hosts. Only process 0 needs to writ
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import os
 import time
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import serialization, traverse_util
+from flax import traverse_util
 from tqdm.auto import tqdm
 
 import featsim
@@ -44,6 +42,10 @@ from featsim.train.evaluation import (
     summarize_runs,
 )
 from featsim.train.losses import class_weights as balanced_class_weights
+from featsim.train.runfiles import load_checkpoint as _load_checkpoint
+from featsim.train.runfiles import save_checkpoint as _save_checkpoint
+from featsim.train.runfiles import save_json as _save_json
+from featsim.train.runfiles import write_history as _write_history
 from featsim.train.steps import StepConfig, TrainState, make_eval_step, make_train_step
 
 __all__ = ["create_train_state", "evaluate", "run_seeds", "train_and_evaluate"]
@@ -148,36 +150,6 @@ def evaluate(p_eval_step, state, dataset: Dataset, batch_size: int) -> dict:
     metrics = classification_metrics(np.concatenate(labels), np.concatenate(probs),
                                      num_classes=dataset.num_classes, loss=loss_sum / count)
     return {**metrics, **_aux_metrics(aux, count)}
-
-
-def _save_json(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
-
-
-def _save_checkpoint(path: Path, state, epoch: int, history, best) -> None:
-    payload = {"state": serialization.to_state_dict(parallel.unreplicate(state)),
-               "epoch": epoch, "history": json.dumps(history), "best": json.dumps(best)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, state):
-    payload = serialization.msgpack_restore(path.read_bytes())
-    restored = serialization.from_state_dict(state, payload["state"])
-    return restored, int(payload["epoch"]), json.loads(payload["history"]), json.loads(
-        payload["best"])
-
-
-def _write_history(workdir: Path, history: list[dict]) -> None:
-    _save_json(workdir / "history.json", history)
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    with open(workdir / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
 
 
 def train_and_evaluate(

@@ -29,7 +29,6 @@ schedules are :mod:`featsim.train`'s; labels, when the source has any, are ignor
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -41,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, traverse_util
+from flax import traverse_util
 from tqdm.auto import tqdm
 
 import featsim
@@ -64,6 +63,10 @@ from featsim.train.autoencoder import (
 from featsim.train.batchnorm import recompute_batch_stats
 from featsim.train.config import SCHEDULES
 from featsim.train.data import Dataset, batches, load_dataset, split_validation
+from featsim.train.runfiles import load_checkpoint as _load_checkpoint
+from featsim.train.runfiles import save_checkpoint as _save_checkpoint
+from featsim.train.runfiles import save_json as _save_json
+from featsim.train.runfiles import write_history as _write_history
 from featsim.train.steps import TrainState
 
 __all__ = [
@@ -237,35 +240,6 @@ def _initial_variables(config: PretrainConfig, module, size: int, rng, weights):
     return variables
 
 
-def _save_json(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_history(workdir: Path, history: list[dict]) -> None:
-    _save_json(workdir / "history.json", history)
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    with open(workdir / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def _save_checkpoint(path: Path, state, epoch: int, history) -> None:
-    payload = {"state": serialization.to_state_dict(parallel.unreplicate(state)),
-               "epoch": epoch, "history": json.dumps(history)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, state):
-    payload = serialization.msgpack_restore(path.read_bytes())
-    restored = serialization.from_state_dict(state, payload["state"])
-    return restored, int(payload["epoch"]), json.loads(payload["history"])
-
-
 def _run_epoch(step, state, data: Dataset, batch_size: int, key, step_key):
     loss_sum, count = 0.0, 0.0
     for i, (index, mask) in enumerate(batches(len(data), batch_size,
@@ -384,7 +358,7 @@ def pretrain(
     start_epoch = 0
     checkpoint = workdir / "checkpoint.msgpack"
     if resume and checkpoint.exists():
-        host_state, start_epoch, history = _load_checkpoint(checkpoint,
+        host_state, start_epoch, history, _ = _load_checkpoint(checkpoint,
                                                             parallel.unreplicate(state))
         state = parallel.replicate(host_state)
     bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"{config.backbone} autoencoder",
