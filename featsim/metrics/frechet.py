@@ -6,29 +6,34 @@ Equilibrium") is the Frechet (2-Wasserstein) distance between N(mu1, S1) and N(m
     FD = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}).
 
 Numerics policy:
-  * Statistics (``FeatureStats``) are float64 sums (count, sum, sum of outer products); merging
-    is addition, so any merge order equals one pass up to float64 rounding. The covariance
-    (S - n mu mu^T) / (n - 1) loses about log10(|mu|^2 / var) digits to cancellation, harmless in
-    float64 unless features have a mean 1e4 times larger than their spread.
+  * Statistics (``FeatureStats``) are float64 moments about a reference point (the first
+    batch's mean), merged with the pairwise update, so a common offset of the features costs
+    no digits: the covariance of data offset by 1e6 times its spread matches ``np.cov`` to
+    ~1e-13 (raw moments, S - n mu mu^T, lose ~2 log10(offset / spread) digits: 1e-3 there).
+    ``fid`` centres the same way.
   * tr((S1 S2)^{1/2}) never uses ``scipy.linalg.sqrtm`` (slow, and complex output with
-    rounding garbage in its imaginary part for singular S). With any factor S1 = C C^T (the
-    Cholesky factor when S1 is positive definite, else V diag(sqrt(w)) from the symmetric
-    eigendecomposition with eigenvalues clamped at 0), the eigenvalues of the symmetric PSD
-    matrix C^T S2 C equal those of S1 S2, so tr((S1 S2)^{1/2}) = sum sqrt(eigvalsh(C^T S2 C)).
-    Eigenvalues below d * eps * max(eigenvalue) are rounding noise and count as 0 (otherwise
-    each would add sqrt(noise), which dominates the error when covariances are singular). The
-    price: a true eigenvalue below that floor is dropped too, so for ill-conditioned
-    covariances tr((S1 S2)^{1/2}) carries an absolute error up to about
-    rank * sqrt(d * eps * lambda_max(S1 S2)) (relative ~1e-8 at condition numbers ~1e7, far
-    below the sampling error of FID; well-conditioned covariances agree with a float64
-    ``sqrtm`` to ~1e-10, see benchmarks/metrics.py).
+    rounding garbage in its imaginary part for singular S). Each covariance is factored by
+    pivoted Cholesky, S = C C^T with C of numerical rank r (LAPACK ``dpstrf`` stops once every
+    remaining pivot is <= d * u * max diag S, i.e. at the rounding level of S itself; a full
+    rank S gets its exact Cholesky factor). Then:
+      - if one of the two has full rank, the eigenvalues of the other's C^T S C (symmetric PSD,
+        r x r) are the non-zero eigenvalues of S1 S2; rounding negatives are clamped at 0 and
+        nothing else is dropped, so small true eigenvalues count (relative error ~1e-14 at
+        d = 512 with eigenvalues of S1 S2 spanning 1e14, where a d * eps * lambda_max floor
+        lost 1e-8);
+      - if both are rank-deficient (n <= d, dead units), tr((S1 S2)^{1/2}) = ||C1^T C2||_*,
+        the sum of singular values, which carries no sqrt(rounding noise) from exact zero
+        eigenvalues.
   * When a set has fewer samples than dimensions (n <= d: its covariance is singular), ``fid``
     uses the exact sample form tr((S1 S2)^{1/2}) = ||A1 A2^T||_* (nuclear norm) with
     A = (features - mean) / sqrt(n - 1), an SVD of an n1 x n2 matrix: exact and real. It still
-    warns (``FIDRankWarning``, with both ranks): n < d makes FID strongly biased upwards, so
-    such values are only comparable between runs with the same n.
+    warns (``FIDRankWarning``; ``fid_details`` adds both ranks): n < d makes FID strongly
+    biased upwards, so such values are only comparable between runs with the same n.
+  * ``fid`` computes no ranks; ``fid_details`` reads them off the pivoted Cholesky factors it
+    needs anyway (n > d) or off the singular values of A (n <= d).
   * All of this runs in float64 on the host. Inside a user's ``jax.jit`` the same formulas run
-    in ``jax.numpy`` at the widest float JAX allows (float32 unless x64 is enabled).
+    in ``jax.numpy`` at the widest float JAX allows (float32 unless x64 is enabled), with an
+    eigendecomposition factor of S1 (eigenvalues clamped at 0) in place of pivoted Cholesky.
   * Never a silent NaN: inputs are checked, negative results beyond rounding raise.
 """
 
@@ -67,10 +72,21 @@ class FIDRankWarning(UserWarning):
 class FeatureStats:
     """Mergeable float64 sufficient statistics of a feature set (host-side, immutable).
 
+    The moments are kept about a reference point ``shift`` (the mean of the first batch seen):
+    ``sum`` and ``outer_sum`` are sums of ``x - shift`` and of its outer products. Raw moments
+    (``shift`` = 0) lose about 2 log10(|mean| / spread) digits of the covariance to
+    cancellation (all of them at a common offset 1e8 times the spread); shifted moments lose
+    only 2 log10(|mean - shift| / spread), about nothing, since a batch mean is within a few
+    spreads of the data mean. ``merge`` re-expresses the other operand's moments about this
+    one's shift with the pairwise (Chan, Golub & LeVeque 1979) update, which adds only
+    non-negative terms to the centred scatter.
+
     Attributes:
       count: number of feature vectors seen.
-      sum: float64 array ``[d]``, sum of the vectors.
-      outer_sum: float64 array ``[d, d]``, sum of their outer products x x^T.
+      sum: float64 array ``[d]``, sum of ``x - shift``.
+      outer_sum: float64 array ``[d, d]``, sum of the outer products ``(x - shift)(x - shift)^T``.
+      shift: float64 array ``[d]``, the reference point (zeros when omitted: ``sum`` and
+        ``outer_sum`` are then raw moments, the meaning they had before ``shift`` existed).
 
     Example:
       >>> stats = FeatureStats.empty(2048)
@@ -82,6 +98,7 @@ class FeatureStats:
     count: int
     sum: np.ndarray
     outer_sum: np.ndarray
+    shift: np.ndarray | None = None
 
     def __post_init__(self):
         s = np.asarray(self.sum, np.float64)
@@ -90,11 +107,17 @@ class FeatureStats:
             raise ValueError(
                 f"FeatureStats needs sum [d] and outer_sum [d, d], got {s.shape} and {o.shape}"
             )
+        shift = np.zeros_like(s) if self.shift is None else np.asarray(self.shift, np.float64)
+        if shift.shape != s.shape:
+            raise ValueError(
+                f"FeatureStats shift must have shape [d] = {s.shape} like sum, got {shift.shape}"
+            )
         if int(self.count) < 0:
             raise ValueError(f"FeatureStats count must be >= 0, got {self.count}")
         object.__setattr__(self, "count", int(self.count))
         object.__setattr__(self, "sum", s)
         object.__setattr__(self, "outer_sum", o)
+        object.__setattr__(self, "shift", shift)
 
     @property
     def dim(self) -> int:
@@ -107,45 +130,66 @@ class FeatureStats:
 
     @classmethod
     def from_features(cls, x) -> FeatureStats:
-        """Statistics of ``x``: float array ``[n, d]`` (n >= 1; rows with NaN/inf rejected)."""
+        """Statistics of ``x``: float array ``[n, d]`` (n >= 1; rows with NaN/inf rejected).
+
+        Moments are taken about the batch mean; ``sum`` keeps the (rounding-level) residual, so
+        ``cov`` is the corrected two-pass formula.
+        """
         x = np.asarray(as_features(x, "features", min_rows=1), np.float64)
-        return cls(x.shape[0], x.sum(axis=0), x.T @ x)
+        shift = x.mean(axis=0)
+        z = x - shift
+        return cls(x.shape[0], z.sum(axis=0), z.T @ z, shift)
 
     def update(self, x) -> FeatureStats:
         """Returns the statistics of the samples seen so far plus the rows of ``x``."""
         return self.merge(FeatureStats.from_features(x))
 
     def merge(self, other: FeatureStats) -> FeatureStats:
-        """Combines statistics of disjoint sample sets (associative and commutative)."""
+        """Combines statistics of disjoint sample sets (associative and commutative up to
+        rounding; the result keeps the shift of the first non-empty operand)."""
         if self.dim != other.dim:
             raise ValueError(
                 f"cannot merge FeatureStats of dimension {self.dim} with dimension {other.dim}"
             )
-        return FeatureStats(
-            self.count + other.count, self.sum + other.sum, self.outer_sum + other.outer_sum
-        )
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n_a, n_b = self.count, other.count
+        n = n_a + n_b
+        m_a, m_b = self.sum / n_a, other.sum / n_b  # means relative to each shift
+        # Centred scatter of each part, then Chan's update with delta = mean_b - mean_a.
+        scatter_a = self.outer_sum - n_a * np.outer(m_a, m_a)
+        scatter_b = other.outer_sum - n_b * np.outer(m_b, m_b)
+        delta = (other.shift - self.shift) + (m_b - m_a)
+        scatter = scatter_a + scatter_b + (n_a * n_b / n) * np.outer(delta, delta)
+        m = m_a + (n_b / n) * delta  # merged mean relative to self.shift
+        return FeatureStats(n, n * m, scatter + n * np.outer(m, m), self.shift)
 
     def mean(self) -> np.ndarray:
         """float64 ``[d]`` sample mean."""
         if self.count < 1:
             raise ValueError("mean of FeatureStats with count 0 is undefined")
-        return self.sum / self.count
+        return self.shift + self.sum / self.count
 
     def cov(self) -> np.ndarray:
         """float64 ``[d, d]`` unbiased sample covariance (divides by n - 1)."""
         if self.count < 2:
             raise ValueError(f"covariance needs at least 2 samples, got count={self.count}")
-        mu = self.mean()
-        c = (self.outer_sum - self.count * np.outer(mu, mu)) / (self.count - 1)
+        m = self.sum / self.count
+        c = (self.outer_sum - self.count * np.outer(m, m)) / (self.count - 1)
         return 0.5 * (c + c.T)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays for ``np.savez``; inverse of ``from_arrays``."""
-        return {"count": np.asarray(self.count), "sum": self.sum, "outer_sum": self.outer_sum}
+        return {"count": np.asarray(self.count), "sum": self.sum, "outer_sum": self.outer_sum,
+                "shift": self.shift}
 
     @classmethod
     def from_arrays(cls, arrays) -> FeatureStats:
-        return cls(int(arrays["count"]), arrays["sum"], arrays["outer_sum"])
+        """Inverse of ``to_arrays``; arrays saved without ``shift`` (raw moments) load too."""
+        shift = arrays["shift"] if "shift" in arrays else None
+        return cls(int(arrays["count"]), arrays["sum"], arrays["outer_sum"], shift)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,38 +202,66 @@ def _noise_floor(xp, values, dim):
     return dim * eps * xp.maximum(xp.max(xp.abs(values)), xp.finfo(values.dtype).tiny)
 
 
-def _trace_sqrt_product(xp, sigma1, sigma2):
-    """tr((S1 S2)^{1/2}) via a factor S1 = C C^T and the symmetric eigenvalues of C^T S2 C.
+def _psd_factor(sigma, what: str | None = None):
+    """Host: C [d, r] with C C^T = sigma, r its numerical rank, by pivoted Cholesky (LAPACK
+    ``dpstrf``, which stops when every remaining pivot is <= d * u * max(diag sigma)).
 
-    On the host C is the Cholesky factor when S1 is numerically positive definite (the common
-    case, ~3x cheaper than an eigendecomposition), else V diag(sqrt(w)) from ``eigh(S1)`` with
-    eigenvalues below the noise floor set to 0. Returns the trace, the eigenvalues of S1 (None
-    when Cholesky succeeded: S1 is then positive definite) and the raw eigenvalues of C^T S2 C
-    (by Sylvester's law of inertia as many negative ones as S2 when S1 is non-singular).
+    A full-rank sigma gets its exact Cholesky factor (up to a permutation); a singular one gets
+    a factor of its range, with no sqrt(rounding noise) columns. With ``what`` (user-supplied
+    covariances) the remainder sigma - C C^T is checked: an eigenvalue clearly below 0 raises.
+    """
+    d = sigma.shape[0]
+    c, piv, rank, info = scipy.linalg.lapack.dpstrf(sigma, lower=1, tol=-1.0)
+    if info < 0:
+        raise ValueError(f"dpstrf rejected argument {-info} (sigma shape {sigma.shape})")
+    rank = int(rank)
+    factor = np.zeros((d, rank))
+    factor[piv - 1] = np.tril(c)[:, :rank]
+    if what is not None and rank < d:
+        rest = np.sort(piv[rank:] - 1)
+        remainder = sigma[np.ix_(rest, rest)] - factor[rest] @ factor[rest].T
+        _check_psd(np.linalg.eigvalsh(remainder), what, scale=float(np.max(np.diag(sigma))))
+    return factor, rank
+
+
+def _trace_sqrt_factored(c1, sigma1, c2, sigma2, what: str | None = None):
+    """Host: tr((S1 S2)^{1/2}) from factors S_k = C_k C_k^T of ranks r1 <= ... (see below).
+
+    If one covariance has full rank d, the other's factor C (rank r) gives the r x r symmetric
+    PSD matrix C^T S C whose eigenvalues are the non-zero eigenvalues of S1 S2; negative
+    rounding values are clamped at 0 (no floor: a small true eigenvalue is kept). If both are
+    rank-deficient, C^T S C could have exact zero eigenvalues whose rounding noise would add
+    sqrt(noise); the singular values of C1^T C2 (squares: the eigenvalues of S1 S2) avoid it.
     """
     d = sigma1.shape[0]
-    c = None
-    w1_raw = None
-    if xp is np:
-        try:
-            c = scipy.linalg.cholesky(sigma1, lower=True, check_finite=False)
-        except np.linalg.LinAlgError:
-            c = None
-    if c is None:
-        w1_raw, v1 = xp.linalg.eigh(sigma1)
-        w1 = xp.where(w1_raw > _noise_floor(xp, w1_raw, d), w1_raw, 0.0)
-        c = v1 * xp.sqrt(w1)[None, :]
-    m = c.T @ sigma2 @ c
-    ev_raw = xp.linalg.eigvalsh(m)  # reads one triangle; m is symmetric up to rounding
-    ev = xp.where(ev_raw > _noise_floor(xp, ev_raw, d), ev_raw, 0.0)
-    return xp.sum(xp.sqrt(ev)), w1_raw, ev_raw
+    r1, r2 = c1.shape[1], c2.shape[1]
+    if min(r1, r2) == 0:
+        return 0.0
+    if max(r1, r2) == d:
+        c, s = (c1, sigma2) if r1 <= r2 else (c2, sigma1)
+        ev = np.linalg.eigvalsh(c.T @ s @ c)  # reads one triangle; symmetric up to rounding
+        if what is not None:
+            _check_psd(ev, what)
+        return float(np.sum(np.sqrt(np.maximum(ev, 0.0))))
+    return float(np.sum(scipy.linalg.svdvals(c1.T @ c2)))
 
 
-def _check_psd(values, what: str) -> None:
-    if values is None:  # Cholesky succeeded: positive definite
-        return
+def _trace_sqrt_traced(sigma1, sigma2):
+    """Traced (jnp): tr((S1 S2)^{1/2}) via C = V diag(sqrt(max(w, 0))) from eigh(S1) and the
+    eigenvalues of C^T S2 C clamped at 0."""
+    w1, v1 = jnp.linalg.eigh(sigma1)
+    c = v1 * jnp.sqrt(jnp.maximum(w1, 0.0))[None, :]
+    ev = jnp.linalg.eigvalsh(c.T @ sigma2 @ c)
+    return jnp.sum(jnp.sqrt(jnp.maximum(ev, 0.0)))
+
+
+def _check_psd(values, what: str, scale: float | None = None) -> None:
     values = np.asarray(values)
-    if values.size and values[0] < -1e-6 * max(float(np.max(np.abs(values))), 1e-300):
+    if not values.size:
+        return
+    if scale is None:
+        scale = float(np.max(np.abs(values)))
+    if values[0] < -1e-6 * max(scale, 1e-300):
         raise ValueError(
             f"{what} is not positive semi-definite: smallest eigenvalue {values[0]:.3e}, "
             f"largest {values[-1]:.3e}"
@@ -293,15 +365,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu2, sigma2 = _check_gaussian(mu2, sigma2, 2)
     check_same_dim(mu1, mu2, ("mu1", "mu2"))
     traced = is_traced(mu1, sigma1, mu2, sigma2)
-    xp = jnp if traced else np
-    trace_sqrt, w1, ev = _trace_sqrt_product(xp, sigma1, sigma2)
-    if not traced:
-        _check_psd(w1, "sigma1")
-        _check_psd(ev, "sigma2 (seen through sigma1^(1/2) sigma2 sigma1^(1/2))")
     diff = mu1 - mu2
-    tr1, tr2 = xp.trace(sigma1), xp.trace(sigma2)
-    value = xp.sum(diff * diff) + tr1 + tr2 - 2.0 * trace_sqrt
-    return _finish(value, tr1 + tr2, traced)
+    if traced:
+        tr1, tr2 = jnp.trace(sigma1), jnp.trace(sigma2)
+        value = jnp.sum(diff * diff) + tr1 + tr2 - 2.0 * _trace_sqrt_traced(sigma1, sigma2)
+        return _finish(value, tr1 + tr2, True)
+    c1, _ = _psd_factor(sigma1, "sigma1")
+    c2, _ = _psd_factor(sigma2, "sigma2")
+    trace_sqrt = _trace_sqrt_factored(
+        c1, sigma1, c2, sigma2, "sigma2 (seen through a factor of sigma1) or sigma1"
+    )
+    tr1, tr2 = float(np.trace(sigma1)), float(np.trace(sigma2))
+    value = float(diff @ diff) + tr1 + tr2 - 2.0 * trace_sqrt
+    return _finish(value, tr1 + tr2, False)
 
 
 class FIDResult(NamedTuple):
@@ -340,30 +416,43 @@ def fid_details(x, y) -> FIDResult:
     check_same_dim(x, y)
     if is_traced(x, y):
         raise ValueError("fid_details runs on concrete arrays; under jit use fid(x, y)")
+    return _fid_host(x, y, with_ranks=True)
+
+
+def _fid_host(x, y, *, with_ranks: bool) -> FIDResult:
+    """Checked concrete x [n1, d], y [n2, d] -> FIDResult (ranks -1 unless ``with_ranks``)."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     (n1, d), n2 = x.shape, y.shape[0]
+    rank1 = rank2 = -1
     if min(n1, n2) <= d:
         trace_sqrt, tr1, tr2, a1, a2 = _trace_sqrt_from_samples(np, x, y)
-        s1 = np.linalg.svd(a1, compute_uv=False) ** 2
-        s2 = np.linalg.svd(a2, compute_uv=False) ** 2
-        rank1, rank2 = _rank(np, s1, max(n1, d)), _rank(np, s2, max(n2, d))
+        if with_ranks:
+            s1 = np.linalg.svd(a1, compute_uv=False) ** 2
+            s2 = np.linalg.svd(a2, compute_uv=False) ** 2
+            rank1, rank2 = _rank(np, s1, max(n1, d)), _rank(np, s2, max(n2, d))
+            _warn_rank(n1, n2, d, rank1, rank2, stacklevel=4)
+        else:
+            _warn_rank(n1, n2, d, stacklevel=4)
         method = "nuclear"
-        _warn_rank(n1, n2, d, rank1, rank2)
+        diff = x.mean(axis=0) - y.mean(axis=0)
     else:
-        s1 = FeatureStats.from_features(x).cov()
-        s2 = FeatureStats.from_features(y).cov()
-        trace_sqrt, _, _ = _trace_sqrt_product(np, s1, s2)
-        tr1, tr2 = np.trace(s1), np.trace(s2)
-        rank1 = _rank(np, np.linalg.eigvalsh(s1), d)
-        rank2 = _rank(np, np.linalg.eigvalsh(s2), d)
+        # Centred moments (FeatureStats shifts by the mean): a common offset costs no digits.
+        stats1, stats2 = FeatureStats.from_features(x), FeatureStats.from_features(y)
+        s1, s2 = stats1.cov(), stats2.cov()
+        # Both factors are needed for the value when a covariance is singular (dead units),
+        # and they give the ranks: no separate eigendecomposition for those.
+        c1, rank1 = _psd_factor(s1)
+        c2, rank2 = _psd_factor(s2)
+        trace_sqrt = _trace_sqrt_factored(c1, s1, c2, s2)
+        tr1, tr2 = float(np.trace(s1)), float(np.trace(s2))
         method = "eigh"
-    diff = x.mean(axis=0) - y.mean(axis=0)
+        diff = stats1.mean() - stats2.mean()
     value = float(diff @ diff) + tr1 + tr2 - 2.0 * trace_sqrt
     return FIDResult(_finish(value, tr1 + tr2, False), n1, n2, d, rank1, rank2, method)
 
 
-def _warn_rank(n1, n2, d, rank1=None, rank2=None):
+def _warn_rank(n1, n2, d, rank1=None, rank2=None, *, stacklevel=3):
     ranks = "" if rank1 is None else f" (covariance ranks {rank1} and {rank2})"
     warnings.warn(
         FIDRankWarning(
@@ -371,7 +460,7 @@ def _warn_rank(n1, n2, d, rank1=None, rank2=None):
             f"is singular{ranks}, and FID is biased upwards strongly at small n. The value is "
             f"computed exactly, but compare it only with FIDs at the same n."
         ),
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 
@@ -401,7 +490,7 @@ def fid(x, y):
     y = as_features(y, "y")
     check_same_dim(x, y)
     if not is_traced(x, y):
-        return fid_details(x, y).value
+        return _fid_host(x, y, with_ranks=False).value
     (n1, d), n2 = x.shape, y.shape[0]
     dtype = jnp.result_type(x.dtype, y.dtype, jnp.float32)
     x, y = x.astype(dtype), y.astype(dtype)
@@ -413,7 +502,7 @@ def fid(x, y):
         yc = y - y.mean(axis=0)
         s1 = xc.T @ xc / (n1 - 1)
         s2 = yc.T @ yc / (n2 - 1)
-        trace_sqrt, _, _ = _trace_sqrt_product(jnp, s1, s2)
+        trace_sqrt = _trace_sqrt_traced(s1, s2)
         tr1, tr2 = jnp.trace(s1), jnp.trace(s2)
     diff = x.mean(axis=0) - y.mean(axis=0)
     return _finish(jnp.sum(diff * diff) + tr1 + tr2 - 2.0 * trace_sqrt, tr1 + tr2, True)
