@@ -84,6 +84,7 @@ from featsim.report import Interval, SimilarityReport, similarity_report
 
 __all__ = [
     "CI_METHODS",
+    "PARTS",
     "SCALE_FREE",
     "STATISTICS",
     "ComparisonResult",
@@ -110,6 +111,17 @@ STATISTICS = (
 # Invariant to a common rescaling of all features: what a change of D must be read beside.
 SCALE_FREE = ("ratio", "energy_coefficient", "distance_cosine")
 CI_METHODS = ("basic", "percentile")
+# Parts of a change: (from, to) representations. "total" = "normalisation" + "weights".
+PARTS = {
+    "total": ("before", "after"),
+    "normalisation": ("before", "control"),
+    "weights": ("control", "after"),
+}
+PART_LABELS = {
+    "total": "total (pretrained -> fine-tuned)",
+    "normalisation": "normalisation (pretrained -> BN-adapted)",
+    "weights": "weights (BN-adapted -> fine-tuned)",
+}
 
 _LABELS = {
     "distance": "D",
@@ -284,8 +296,18 @@ class FeatureChange:
     Attributes:
         before, after: similarity reports of the pretrained and fine-tuned features, with
             paired bootstrap intervals in ``ci`` and the energy test in ``energy_pvalue``.
-        deltas: :data:`STATISTICS` name -> :class:`Delta`.
+        deltas: :data:`STATISTICS` name -> :class:`Delta` (the total change, pretrained ->
+            fine-tuned; the same objects as ``parts["total"]``).
         n_bootstrap, n_permutations, confidence, ci_method, seed: as passed.
+        control: the report of the BN-adapted control's features (None without a control).
+        parts: :data:`PARTS` name -> statistic -> :class:`Delta`: ``"total"`` always;
+            ``"normalisation"`` (pretrained -> control) and ``"weights"`` (control ->
+            fine-tuned) with a control. Every bootstrap resample uses the same images for all
+            three representations, so the parts add up resample by resample.
+        mixed: the report of the paper's second reading of D after fine-tuning,
+            ``D(phi(X_C), phi'(X_M))``: pretrained source features against fine-tuned target
+            features (None when their widths differ).
+        mixed_deltas: its change from the pretrained ``D(phi(X_C), phi(X_M))``, per statistic.
     """
 
     before: SimilarityReport
@@ -296,6 +318,10 @@ class FeatureChange:
     confidence: float
     ci_method: str
     seed: int
+    control: SimilarityReport | None = None
+    parts: dict[str, dict[str, Delta]] = dataclasses.field(default_factory=dict)
+    mixed: SimilarityReport | None = None
+    mixed_deltas: dict[str, Delta] = dataclasses.field(default_factory=dict)
 
 
 def feature_change(
@@ -312,6 +338,8 @@ def feature_change(
     kid_subset_size: int = 1000,
     kid_subsets: int = 100,
     seed: int = 0,
+    control_source=None,
+    control_target=None,
 ) -> FeatureChange:
     """How every similarity statistic changed between two representations of the same images.
 
@@ -330,6 +358,11 @@ def feature_change(
         kid_subset_size, kid_subsets: KID (see ``similarity_report``).
         seed: seed of every random choice; bootstrap, paired permutations and energy
             relabellings draw from independent streams of ``np.random.SeedSequence(seed)``.
+        control_source, control_target: optional float arrays ``[n, d]`` and ``[m, d]``: the
+            same images through a control representation (the BN-adapted pretrained
+            backbone, :func:`featsim.adapt.adapt_batch_stats`). With them, every change is
+            also split into a normalisation part (before -> control) and a weight part
+            (control -> after), resampled jointly with the total (``FeatureChange.parts``).
 
     Returns:
         A :class:`FeatureChange`. Deltas' estimates are ``after - before`` of the two
@@ -352,93 +385,126 @@ def feature_change(
     """
     _check_options(metric=metric, n_bootstrap=n_bootstrap, n_permutations=n_permutations,
                    confidence=confidence, ci_method=ci_method)
+    if (control_source is None) != (control_target is None):
+        raise ValueError("pass both control_source and control_target, or neither")
+    given = [(("before", "source"), before_source), (("before", "target"), before_target),
+             (("after", "source"), after_source), (("after", "target"), after_target)]
+    if control_source is not None:
+        given += [(("control", "source"), control_source),
+                  (("control", "target"), control_target)]
     sets = {}
-    for key, value in ((("before", "source"), before_source), (("before", "target"), before_target),
-                       (("after", "source"), after_source), (("after", "target"), after_target)):
+    for key, value in given:
         a = np.asarray(value)
         if a.ndim != 2 or a.shape[0] < 2:
             raise ValueError(f"{'_'.join(key)} must have shape [n, d] with n >= 2, got "
                              f"shape {a.shape}")
         sets[key] = a
-    for domain in ("source", "target"):
-        b, a = sets["before", domain], sets["after", domain]
-        if b.shape[0] != a.shape[0]:
-            raise ValueError(
-                f"before_{domain}.shape[0] == {b.shape[0]} while after_{domain}.shape[0] == "
-                f"{a.shape[0]}: the same images must go through both backbones, in the same "
-                "order"
-            )
-        if n_permutations and b.shape[1] != a.shape[1]:
-            raise ValueError(
-                f"before_{domain}.shape[1] == {b.shape[1]} while after_{domain}.shape[1] == "
-                f"{a.shape[1]}: the paired permutation test swaps feature vectors between the "
-                "backbones, so both need the same width (or pass n_permutations=0)"
-            )
+    sides = ("before", "control", "after") if control_source is not None else (
+        "before", "after")
+    for side in sides[1:]:
+        for domain in ("source", "target"):
+            b, a = sets["before", domain], sets[side, domain]
+            if b.shape[0] != a.shape[0]:
+                raise ValueError(
+                    f"before_{domain}.shape[0] == {b.shape[0]} while {side}_{domain}.shape[0] "
+                    f"== {a.shape[0]}: the same images must go through every backbone, in "
+                    "the same order"
+                )
+            if (n_permutations or side == "control") and b.shape[1] != a.shape[1]:
+                raise ValueError(
+                    f"before_{domain}.shape[1] == {b.shape[1]} while {side}_{domain}.shape[1] "
+                    f"== {a.shape[1]}: the paired permutation test swaps feature vectors "
+                    "between the backbones (and a BN-adapted control has the pretrained "
+                    "widths), so both need the same width (or pass n_permutations=0)"
+                )
+    parts = {k: v for k, v in PARTS.items() if set(v) <= set(sides)}
+    # The paper's second reading: pretrained source features vs fine-tuned target features.
+    mixed_ok = sets["before", "source"].shape[1] == sets["after", "target"].shape[1]
 
     report_options = dict(metric=metric, kid_subset_size=kid_subset_size,
                           kid_subsets=kid_subsets, seed=seed)
     # Validates the arrays (shapes, NaN/inf rows) before any matrix is built.
-    before = similarity_report(sets["before", "source"], sets["before", "target"],
-                               **report_options)
-    after = similarity_report(sets["after", "source"], sets["after", "target"],
-                              **report_options)
-    n, m = before.n_source, before.n_target
+    base = {side: similarity_report(sets[side, "source"], sets[side, "target"],
+                                    **report_options) for side in sides}
+    if mixed_ok:
+        base["mixed"] = similarity_report(sets["before", "source"], sets["after", "target"],
+                                          **report_options)
+    n, m = base["before"].n_source, base["before"].n_target
     boot_rng, perm_rng, energy_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
 
-    intervals = {"before": {}, "after": {}}
-    delta_ci: dict[str, tuple[float, float]] = {}
-    pvalues: dict[str, float] = {}
-    energy_p = {"before": None, "after": None}
+    views = {side: (side, side) for side in sides}
+    if mixed_ok:
+        views["mixed"] = ("before", "after")
+    intervals = {side: {} for side in views}
+    part_ci: dict[str, dict[str, tuple[float, float]]] = {p: {} for p in parts}
+    mixed_ci: dict[str, tuple[float, float]] = {}
+    pvalues: dict[str, dict[str, float]] = {p: {} for p in parts}
+    energy_p = dict.fromkeys(sides)
     if n_bootstrap or n_permutations:
-        _check_memory(n, m, paired_swaps=bool(n_permutations))
+        _check_memory(n, m, n_sides=len(sides), paired_swaps=bool(n_permutations))
         pairs = _Pairwise(sets, metric)
         full = {"source": np.ones((1, n)), "target": np.ones((1, m))}
-        observed = {side: {k: float(v[0]) for k, v in pairs.statistics(side, full).items()}
-                    for side in ("before", "after")}
+        observed = {v: {k: float(x[0]) for k, x in pairs.statistics(v, full, *views[v]).items()}
+                    for v in views}
         if n_bootstrap:
-            dist = {"before": [], "after": []}
+            dist = {v: [] for v in views}
             for counts in _bootstrap_counts(boot_rng, n, m, n_bootstrap):
-                for side in dist:
-                    dist[side].append(pairs.statistics(side, counts))
-            dist = {side: {k: np.concatenate([d[k] for d in chunks]) for k in STATISTICS}
-                    for side, chunks in dist.items()}
+                for v in views:  # the same resampled images for every representation
+                    dist[v].append(pairs.statistics(v, counts, *views[v]))
+            dist = {v: {k: np.concatenate([d[k] for d in chunks]) for k in STATISTICS}
+                    for v, chunks in dist.items()}
             for name in STATISTICS:
-                for side in ("before", "after"):
-                    low, high = _interval(observed[side][name], dist[side][name], confidence,
+                for v in views:
+                    low, high = _interval(observed[v][name], dist[v][name], confidence,
                                           ci_method)
-                    intervals[side][name] = Interval(low, high, confidence, n_bootstrap,
-                                                     ci_method)
-                delta_ci[name] = _interval(observed["after"][name] - observed["before"][name],
-                                           dist["after"][name] - dist["before"][name],
-                                           confidence, ci_method)
+                    intervals[v][name] = Interval(low, high, confidence, n_bootstrap,
+                                                  ci_method)
+                for part, (first, second) in parts.items():
+                    part_ci[part][name] = _interval(
+                        observed[second][name] - observed[first][name],
+                        dist[second][name] - dist[first][name], confidence, ci_method)
+                if mixed_ok:
+                    mixed_ci[name] = _interval(
+                        observed["mixed"][name] - observed["before"][name],
+                        dist["mixed"][name] - dist["before"][name], confidence, ci_method)
         if n_permutations:
-            null = [pairs.swapped_changes(mask) for mask in
-                    _swap_masks(perm_rng, n, m, n_permutations)]
-            for name in STATISTICS:
-                change = observed["after"][name] - observed["before"][name]
-                values = np.concatenate([c[name] for c in null])
-                pvalues[name] = _two_sided_pvalue(change, values)
-            for side in ("before", "after"):
+            null = {p: [] for p in parts}
+            for mask in _swap_masks(perm_rng, n, m, n_permutations):
+                for part, (first, second) in parts.items():
+                    null[part].append(pairs.swapped_changes(mask, first, second))
+            for part, (first, second) in parts.items():
+                for name in STATISTICS:
+                    change = observed[second][name] - observed[first][name]
+                    values = np.concatenate([c[name] for c in null[part]])
+                    pvalues[part][name] = _two_sided_pvalue(change, values)
+            for side in sides:
                 values = np.concatenate([pairs.relabelled_energy(side, split) for split in
                                          _relabellings(energy_rng, n, m, n_permutations)])
                 energy_p[side] = _greater_pvalue(observed[side]["energy_distance"], values)
 
     reports = {}
-    for side, report in (("before", before), ("after", after)):
-        reports[side] = dataclasses.replace(
-            report, ci=intervals[side], energy_pvalue=energy_p[side],
-            n_permutations=int(n_permutations))
-    deltas = {}
-    for name in STATISTICS:
-        b, a = getattr(reports["before"], name), getattr(reports["after"], name)
-        low, high = delta_ci.get(name, (None, None))
-        deltas[name] = Delta(name=name, before=float(b), after=float(a),
-                             estimate=float(a - b), low=low, high=high,
-                             pvalue=pvalues.get(name), scale_free=name in SCALE_FREE)
-    return FeatureChange(before=reports["before"], after=reports["after"], deltas=deltas,
-                         n_bootstrap=int(n_bootstrap), n_permutations=int(n_permutations),
-                         confidence=float(confidence), ci_method=ci_method, seed=int(seed))
+    for v, report in base.items():
+        reports[v] = dataclasses.replace(
+            report, ci=intervals[v], energy_pvalue=energy_p.get(v),
+            n_permutations=int(n_permutations) if v in sides else 0)
+
+    def delta(first, second, name, ci, pvalue):
+        b, a = getattr(reports[first], name), getattr(reports[second], name)
+        low, high = ci.get(name, (None, None))
+        return Delta(name=name, before=float(b), after=float(a), estimate=float(a - b),
+                     low=low, high=high, pvalue=pvalue, scale_free=name in SCALE_FREE)
+
+    out_parts = {part: {name: delta(first, second, name, part_ci[part],
+                                    pvalues[part].get(name)) for name in STATISTICS}
+                 for part, (first, second) in parts.items()}
+    mixed_deltas = ({name: delta("before", "mixed", name, mixed_ci, None)
+                     for name in STATISTICS} if mixed_ok else {})
+    return FeatureChange(before=reports["before"], after=reports["after"],
+                         deltas=out_parts["total"], n_bootstrap=int(n_bootstrap),
+                         n_permutations=int(n_permutations), confidence=float(confidence),
+                         ci_method=ci_method, seed=int(seed), control=reports.get("control"),
+                         parts=out_parts, mixed=reports.get("mixed"), mixed_deltas=mixed_deltas)
 
 
 def _check_options(*, metric, n_bootstrap, n_permutations, confidence, ci_method) -> None:
@@ -457,9 +523,10 @@ def _check_options(*, metric, n_bootstrap, n_permutations, confidence, ci_method
         raise ValueError(f"metric must be one of {metrics.METRICS}, got {metric!r}")
 
 
-def _check_memory(n: int, m: int, *, paired_swaps: bool) -> None:
-    # Within each backbone: [n, n], [n, m], [m, m]; swaps add the cross-backbone blocks.
-    blocks = (n + m) ** 2 * (4 if paired_swaps else 2)
+def _check_memory(n: int, m: int, *, n_sides: int = 2, paired_swaps: bool) -> None:
+    # Within each backbone: [n, n], [n, m], [m, m]; swaps (and the mixed reading) add the
+    # cross-backbone blocks.
+    blocks = (n + m) ** 2 * (n_sides * n_sides if paired_swaps else n_sides + 1)
     if blocks * 8 > _MAX_MATRIX_BYTES:
         raise ValueError(
             f"n_source = {n} and n_target = {m} need {blocks * 8 / 2**30:.1f} GiB of float64 "
@@ -614,18 +681,22 @@ class _Pairwise:
                                                  self.mean_unit(tgt))
         return out
 
-    def statistics(self, side: str, weights: Mapping[str, np.ndarray]):
-        """Every statistic of one backbone's features, per row of image weights."""
-        return self._statistics({(side, "source"): weights["source"]},
-                                {(side, "target"): weights["target"]})
+    def statistics(self, side: str, weights: Mapping[str, np.ndarray],
+                   source_side: str | None = None, target_side: str | None = None):
+        """Every statistic of one backbone's features, per row of image weights; with
+        ``source_side``/``target_side``, source rows from one backbone and target rows from
+        another (the mixed reading ``D(phi(X_C), phi'(X_M))``)."""
+        return self._statistics({(source_side or side, "source"): weights["source"]},
+                                {(target_side or side, "target"): weights["target"]})
 
-    def swapped_changes(self, masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``after* - before*`` where each masked image's two feature vectors trade places."""
+    def swapped_changes(self, masks: Mapping[str, np.ndarray], first: str = "before",
+                        second: str = "after") -> dict[str, np.ndarray]:
+        """``second* - first*`` where each masked image's two feature vectors trade places."""
         def view(keep, swap):
             return [{(keep, d): 1.0 - masks[d], (swap, d): masks[d]}
                     for d in ("source", "target")]
-        before = self._statistics(*view("before", "after"))
-        after = self._statistics(*view("after", "before"))
+        before = self._statistics(*view(first, second))
+        after = self._statistics(*view(second, first))
         return {k: after[k] - before[k] for k in STATISTICS}
 
     def relabelled_energy(self, side: str, is_source: np.ndarray) -> np.ndarray:
@@ -658,6 +729,8 @@ class ComparisonResult:
         before_source, before_target, after_source, after_target: the features, with their
             manifests (backbone, weights file, variables SHA-256, preprocessing, source).
         finetuned_metadata: the fine-tuned checkpoint's metadata (strategy, config), if any.
+        control: the :class:`featsim.adapt.BNControl` (how the control was made), or None.
+        control_source, control_target: the control's features, or None.
     """
 
     change: FeatureChange
@@ -669,6 +742,9 @@ class ComparisonResult:
     after_source: Features
     after_target: Features
     finetuned_metadata: dict = dataclasses.field(default_factory=dict)
+    control: object = None
+    control_source: Features | None = None
+    control_target: Features | None = None
 
     @property
     def before(self) -> SimilarityReport:
@@ -704,8 +780,25 @@ class ComparisonResult:
             return entry
 
         skipped = (self.before_source.skipped + self.before_target.skipped)
+        control = None
+        if self.control is not None:
+            control = backbone_entry(self.control_source, c.control, self.control.to_dict())
+        floor = 1 / (c.n_permutations + 1) if c.n_permutations else None
+        readings = {"finetuned_both": {
+            "formula": "D(phi'(X_C), phi'(X_M))",
+            "description": "natural and medical images both through the fine-tuned backbone "
+                           "(the 'finetuned' report; its change is deltas/parts.total)",
+            "distance": c.after.distance}}
+        if c.mixed is not None:
+            readings["pretrained_source_finetuned_target"] = {
+                "formula": "D(phi(X_C), phi'(X_M))",
+                "description": "natural images through the pretrained backbone, medical "
+                               "images through the fine-tuned one",
+                "report": c.mixed.to_dict(),
+                "deltas": {k: dataclasses.asdict(d) for k, d in c.mixed_deltas.items()}}
         return {
-            "comparison": "pretrained vs fine-tuned",
+            "comparison": "pretrained vs fine-tuned" + (
+                " (with a BN-adapted control)" if control else ""),
             "backbone": self.backbone,
             "layer": self.layer,
             "metric": c.before.metric,
@@ -714,13 +807,21 @@ class ComparisonResult:
             "pretrained": backbone_entry(self.before_source, c.before),
             "finetuned": backbone_entry(self.after_source, c.after,
                                         {"metadata": self.finetuned_metadata}),
+            "control": control,
             "deltas": {k: dataclasses.asdict(d) for k, d in c.deltas.items()},
+            "parts": {part: {k: dataclasses.asdict(d) for k, d in deltas.items()}
+                      for part, deltas in c.parts.items()},
+            "part_definitions": {part: f"{a} -> {b}" for part, (a, b) in PARTS.items()
+                                 if part in c.parts},
+            "readings": readings,
             "scale_free": list(SCALE_FREE),
             "bootstrap": {
                 "n_resamples": c.n_bootstrap, "confidence": c.confidence,
                 "method": c.ci_method,
                 "scheme": "paired: each resample draws source and target images with "
-                          "replacement and uses the same draws for both backbones",
+                          "replacement and uses the same draws for every backbone "
+                          "(pretrained, control, fine-tuned), so the parts add up per "
+                          "resample",
             },
             "permutation_test": {
                 "n_permutations": c.n_permutations, "alternative": "two-sided",
@@ -730,9 +831,14 @@ class ComparisonResult:
                 "scheme": "each permutation swaps the two feature vectors of every image "
                           "(source and target) with probability 1/2; p = (1 + #{|change*| >= "
                           "|change|}) / (1 + n_permutations)",
-                "reading": "conditional on these images: a small p says the statistic sees "
-                           "a change of representation on them; whether the change would hold "
-                           "for another sample of images is what the bootstrap interval says",
+                "reading": "representation changed (not evidence for Prop. 5): any update "
+                           "of the weights rejects this null; conditional on these images, a "
+                           "small p says the statistic sees a change of representation on "
+                           "them; whether the change would hold for another sample of "
+                           "images is what the bootstrap interval says",
+                "floor": floor,
+                "floor_note": (f"no p-value can be below 1/(B+1) = {floor:.3g}"
+                               if floor else None),
             },
             "fid": {"pretrained": c.before.fid, "finetuned": c.after.fid,
                     "change": c.after.fid - c.before.fid},
@@ -770,22 +876,41 @@ class ComparisonResult:
             f"target: {tgt['spec']} ({len(self.before_target)} images"
             f"{_skips(self.before_target)})",
         ]
-        rows = [("statistic", "pretrained", "fine-tuned", "change", "p")]
+        ctl = c.control is not None
+        if ctl:
+            head.append(f"BN-adapted control: {self.control.describe()}")
+            rows = [("statistic", "pretrained", "BN-adapted", "fine-tuned", "total change",
+                     "normalisation part", "weight part", "p(total)")]
+        else:
+            rows = [("statistic", "pretrained", "fine-tuned", "change", "p")]
         for name, d in c.deltas.items():
             label = _LABELS[name] + (f" [{c.before.metric}]" if name == "distance" else "")
             label += " *" if d.scale_free else ""
-            rows.append((label, _value(d.before, c.before.ci.get(name)),
-                         _value(d.after, c.after.ci.get(name)),
-                         _value(d.estimate, None, d.low, d.high),
-                         "-" if d.pvalue is None else f"{d.pvalue:.3g}"))
-        rows.append(("FID", f"{c.before.fid:.6g}", f"{c.after.fid:.6g}",
-                     f"{c.after.fid - c.before.fid:.6g}", "-"))
-        rows.append(("KID", f"{c.before.kid:.4g}", f"{c.after.kid:.4g}",
-                     f"{c.after.kid - c.before.kid:.4g}", "-"))
+            cells = [label, _value(d.before, c.before.ci.get(name))]
+            if ctl:
+                cells.append(_value(c.parts["normalisation"][name].after,
+                                    c.control.ci.get(name)))
+            cells += [_value(d.after, c.after.ci.get(name)),
+                      _value(d.estimate, None, d.low, d.high)]
+            if ctl:
+                cells += [_value(x.estimate, None, x.low, x.high) for x in
+                          (c.parts["normalisation"][name], c.parts["weights"][name])]
+            cells.append("-" if d.pvalue is None else f"{d.pvalue:.3g}")
+            rows.append(tuple(cells))
+
+        for name, label, fmt in (("fid", "FID", ".6g"), ("kid", "KID", ".4g")):
+            values = [getattr(c.before, name)] + ([getattr(c.control, name)] if ctl else []) \
+                + [getattr(c.after, name)]
+            changes = [values[-1] - values[0]]
+            if ctl:
+                changes += [values[1] - values[0], values[2] - values[1]]
+            rows.append((label, *(f"{v:{fmt}}" for v in values),
+                         *(f"{v:{fmt}}" for v in changes), "-"))
         if c.before.energy_pvalue is not None:
-            rows.append(("p(same distribution)", f"{c.before.energy_pvalue:.3g}",
-                         f"{c.after.energy_pvalue:.3g}", "", ""))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            values = [c.before, *([c.control] if ctl else []), c.after]
+            rows.append(("p(same distribution)", *(f"{r.energy_pvalue:.3g}" for r in values),
+                         *[""] * (len(rows[0]) - 1 - len(values))))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = head + ["  ".join(f"{v:<{w}}" for v, w in zip(r, widths, strict=True)).rstrip()
                         for r in rows]
         notes = ["* scale-free (unchanged when all features are rescaled)"]
@@ -795,7 +920,20 @@ class ComparisonResult:
         if c.n_permutations:
             notes.append(f"p: two-sided paired permutation test of 'fine-tuning did not change "
                          f"the representation' on these images ({c.n_permutations} per-image "
-                         "swaps); the intervals speak for other samples of images")
+                         "swaps; floor 1/(B+1) = "
+                         f"{1 / (c.n_permutations + 1):.3g}): representation changed (not "
+                         "evidence for Prop. 5); the intervals speak for other samples of "
+                         "images")
+        if ctl:
+            notes.append("total = normalisation part (pretrained -> BN-adapted) + weight part "
+                         "(BN-adapted -> fine-tuned), each with a paired interval over the "
+                         "same resampled images")
+        if c.mixed is not None:
+            m = c.mixed_deltas["distance"]
+            notes.append("D read as D(phi(X_C), phi'(X_M)) (natural images pretrained, medical "
+                         f"fine-tuned): {_value(m.after, c.mixed.ci.get('distance'))}, change "
+                         f"from pretrained {_value(m.estimate, None, m.low, m.high)}; as "
+                         f"D(phi'(X_C), phi'(X_M)): the fine-tuned column")
         lines += notes
         lines.append(f"linear CKA pretrained vs fine-tuned on the target images "
                      f"(n = {len(self.before_target)}):")
@@ -837,6 +975,7 @@ def compare_backbones(
     kid_subset_size: int = 1000,
     kid_subsets: int = 100,
     seed: int = 0,
+    control=None,
     **extract_kwargs,
 ) -> ComparisonResult:
     """Pretrained vs fine-tuned on the same images: every metric, its change, and layer CKA.
@@ -857,6 +996,9 @@ def compare_backbones(
             (``logits`` excluded), from input to output (stem, stage1, ..., pre_logits).
         metric, n_bootstrap, n_permutations, confidence, ci_method, kid_subset_size,
             kid_subsets, seed: as :func:`feature_change`.
+        control: a :class:`featsim.adapt.BNControl` (:func:`featsim.adapt.adapt_batch_stats`
+            of ``pretrained``): its features split every change into a normalisation part
+            and a weight part. None: the total change only.
         **extract_kwargs: for :func:`~featsim.features.extract_features` (``batch_size``,
             ``skip_bad``, ``cache_dir``, ``normalization``, ``progress``, ...).
 
@@ -887,19 +1029,30 @@ def compare_backbones(
                                                  **extract_kwargs)
         feats[side, "target"] = extract_features(backbone, target, layers=target_layers,
                                                  **extract_kwargs)
-    for domain in ("source", "target"):
-        if feats["before", domain].ids != feats["after", domain].ids:
-            raise ValueError(
-                f"the two backbones saw different {domain} images ("
-                f"{len(feats['before', domain])} vs {len(feats['after', domain])}); compare "
-                "backbones with the same preprocessing"
-            )
+    sides = ["after"]
+    if control is not None:
+        sides.append("control")
+        for domain, src in (("source", source), ("target", target)):
+            feats["control", domain] = extract_features(control.backbone, src, layers=(layer,),
+                                                        **extract_kwargs)
+    for side in sides:
+        for domain in ("source", "target"):
+            if feats["before", domain].ids != feats[side, domain].ids:
+                raise ValueError(
+                    f"the backbones saw different {domain} images ("
+                    f"{len(feats['before', domain])} vs {len(feats[side, domain])}); compare "
+                    "backbones with the same preprocessing"
+                )
+    controls = {}
+    if control is not None:
+        controls = dict(control_source=feats["control", "source"][layer],
+                        control_target=feats["control", "target"][layer])
     change = feature_change(
         feats["before", "source"][layer], feats["before", "target"][layer],
         feats["after", "source"][layer], feats["after", "target"][layer],
         metric=metric, n_bootstrap=n_bootstrap, n_permutations=n_permutations,
         confidence=confidence, ci_method=ci_method, kid_subset_size=kid_subset_size,
-        kid_subsets=kid_subsets, seed=seed)
+        kid_subsets=kid_subsets, seed=seed, **controls)
     before_t, after_t = feats["before", "target"], feats["after", "target"]
     layer_cka = {k: float(metrics.linear_cka(before_t[k], after_t[k])) for k in cka_layers}
     matrix = metrics.cka_matrix({k: before_t[k] for k in cka_layers},
@@ -908,7 +1061,9 @@ def compare_backbones(
         change=change, layer=layer, layer_cka=layer_cka, cka=matrix,
         before_source=feats["before", "source"], before_target=before_t,
         after_source=feats["after", "source"], after_target=after_t,
-        finetuned_metadata=_checkpoint_metadata(finetuned))
+        finetuned_metadata=_checkpoint_metadata(finetuned), control=control,
+        control_source=feats.get(("control", "source")),
+        control_target=feats.get(("control", "target")))
 
 
 def _depth_order(layer: str):
@@ -940,6 +1095,13 @@ def _change_text(d: Delta) -> str:
         text += f" [{d.low:+.4g}, {d.high:+.4g}]"
     if d.pvalue is not None:
         text += f", p = {d.pvalue:.3g}"
+    return text
+
+
+def _part_text(d: Delta) -> str:
+    text = f"{d.estimate:+.4g}"
+    if d.low is not None:
+        text += f" [{d.low:+.4g}, {d.high:+.4g}]"
     return text
 
 
@@ -1043,6 +1205,30 @@ def _verdict(result: ComparisonResult) -> str:
             "interval includes 0: the representation changed on these images in a way the "
             "statistic sees, by less than it varies between samples of images, so no "
             "population-level change is shown.")
+    if c.parts.get("normalisation"):
+        norm, weights = c.parts["normalisation"], c.parts["weights"]
+        sentences.append(
+            "Split of the change (total = normalisation + weights): D "
+            f"{d.estimate:+.4g} = {_part_text(norm['distance'])} (BatchNorm statistics "
+            f"adapted, pretrained weights) + {_part_text(weights['distance'])} (fine-tuned "
+            "weights); " + "; ".join(
+                f"{_LABELS[k]} {c.deltas[k].estimate:+.4g} = {_part_text(norm[k])} + "
+                f"{_part_text(weights[k])}" for k in SCALE_FREE) + ".")
+        if dir_d == "fell" and weights["distance"].direction() != "fell":
+            sentences.append("The weight part of D does not fall: on these images the fall "
+                             "comes from the adapted normalisation statistics, not from the "
+                             "fine-tuned weights.")
+    if c.mixed is not None:
+        m = c.mixed_deltas["distance"]
+        sentences.append(
+            f"Read as D(phi(X_C), phi'(X_M)) (natural images pretrained, medical fine-tuned), "
+            f"D is {_with_ci(m.after, c.mixed.ci.get('distance'))}: "
+            f"{_movement(m, f'{m.before:.4g}', f'{m.after:.4g}')} ({_change_text(m)}).")
+    if c.n_permutations:
+        sentences.append(
+            "Permutation p-values test 'the representation did not change' (floor "
+            f"1/(B+1) = {1 / (c.n_permutations + 1):.3g}): representation changed (not "
+            "evidence for Prop. 5).")
     if d.low is None:
         sentences.append("No bootstrap was run, so directions are the signs of the estimates, "
                          "untested.")
