@@ -53,6 +53,28 @@ def _sklearn_mmd2(x, y):
     )
 
 
+@pytest.fixture
+def float64_grams(monkeypatch):
+    """kid's host Gram products in float64 too (no error budget allows float32): exact tests."""
+    monkeypatch.setattr(kid_module, "_MAX_GRAM_REL_ERROR", 0.0)
+
+
+def _f32_gram_bound(xs, ys, degree=3, block=256):
+    """The documented worst-case error of one subset's MMD^2 with float32 block Gram products:
+    degree (block + 2) u (mean kbar_xx + mean kbar_yy + 2 mean kbar_xy), u = 2^-24, with
+    kbar(a, b) = (gamma |a| |b| + 1)^degree >= |k(a, b)| (off-diagonal means for xx, yy)."""
+    gamma = 1.0 / xs.shape[1]
+
+    def kbar_mean(a, b, offdiag):
+        k = (gamma * np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)) + 1) ** degree
+        if offdiag:
+            return (k.sum() - np.trace(k)) / (len(a) * (len(a) - 1))
+        return k.mean()
+
+    scale = kbar_mean(xs, xs, True) + kbar_mean(ys, ys, True) + 2 * kbar_mean(xs, ys, False)
+    return degree * (block + 2) * 2.0**-24 * scale
+
+
 def _reference_kid(x, y, subset_size, num_subsets, seed):
     """The documented subset convention, drawn independently of the module."""
     rng = np.random.default_rng(seed)
@@ -112,8 +134,11 @@ def test_polynomial_mmd2_under_jit():
 
 
 @pytest.mark.parametrize("strategy", ["subsets", "gram"])
-def test_kid_matches_reference(strategy, monkeypatch):
+@pytest.mark.parametrize("precision", ["float64", "float32_blocks"])
+def test_kid_matches_reference(strategy, precision, monkeypatch):
     monkeypatch.setattr(kid_module, "_host_strategy", lambda *args: strategy)
+    if precision == "float64":
+        monkeypatch.setattr(kid_module, "_MAX_GRAM_REL_ERROR", 0.0)
     x = _features(10, 70, 6)
     y = _features(11, 50, 6, shift=0.4, scale=1.3)
     res = kid(x, y, subset_size=20, num_subsets=9, seed=3)
@@ -122,10 +147,59 @@ def test_kid_matches_reference(strategy, monkeypatch):
     assert isinstance(res.mean, float) and isinstance(res.std, float)
     assert (res.subset_size, res.num_subsets) == (20, 9)
     assert res.mmd2.shape == (9,) and res.mmd2.dtype == np.float64
-    np.testing.assert_allclose(res.mmd2, values, rtol=RTOL)
-    np.testing.assert_allclose(res.mean, mean, rtol=RTOL)
-    np.testing.assert_allclose(res.std, std, rtol=RTOL)  # population std, ddof=0
+    if precision == "float64":
+        np.testing.assert_allclose(res.mmd2, values, rtol=RTOL)
+        np.testing.assert_allclose(res.mean, mean, rtol=RTOL)
+        np.testing.assert_allclose(res.std, std, rtol=RTOL)  # population std, ddof=0
+    else:
+        # float32 Gram products: within the documented worst-case bound of each subset (and in
+        # practice ~1e-4 of it, since roundings do not all go one way).
+        ix, iy = kid_module._subset_indices(70, 50, 20, 9, 3)
+        bounds = np.array([_f32_gram_bound(x[i], y[j]) for i, j in zip(ix, iy, strict=True)])
+        err = np.abs(res.mmd2 - values)
+        assert np.all(err <= bounds)
+        assert np.all(err <= 1e-2 * bounds)
+        np.testing.assert_allclose(res.mean, mean, atol=bounds.max())
     np.testing.assert_allclose(res.std, np.std(res.mmd2, ddof=0), rtol=RTOL)
+
+
+def test_kid_float32_gram_products_at_width_512():
+    # Several Gram blocks (512 = 2 x 256 columns), positive "post-ReLU" features with a mean
+    # larger than the spread (large inner products), float32 input as features usually are.
+    rng = np.random.default_rng(14)
+    x = np.abs(rng.normal(1.0, 1.0, size=(260, 512))).astype(np.float32)
+    y = np.abs(rng.normal(1.1, 1.1, size=(240, 512))).astype(np.float32)
+    res = kid(x, y, subset_size=200, num_subsets=4, seed=2)
+    _, _, values = _reference_kid(x, y, 200, 4, seed=2)
+    ix, iy = kid_module._subset_indices(260, 240, 200, 4, 2)
+    bounds = np.array([_f32_gram_bound(x[i].astype(np.float64), y[j].astype(np.float64))
+                       for i, j in zip(ix, iy, strict=True)])
+    err = np.abs(res.mmd2 - values)
+    assert np.all(err <= bounds)  # documented bound: ~5e-5 x the kernel scale
+    # Observed: ~1e-5 of the bound, far below the subset-to-subset spread of MMD^2.
+    assert np.all(err <= 1e-3 * bounds)
+    assert err.max() < 1e-3 * values.std()
+
+
+def test_kid_gram_precision_follows_the_error_bound(monkeypatch):
+    # p (b + 2) u <= 1e-4 at b = 256: float32 up to degree 6, float64 beyond.
+    assert kid_module._gram_dtype(3) == np.float32
+    assert kid_module._gram_dtype(6) == np.float32
+    assert kid_module._gram_dtype(7) == np.float64
+    monkeypatch.setattr(kid_module, "_GRAM_BLOCK", 4096)  # bound 7e-4 for the cubic kernel
+    assert kid_module._gram_dtype(3) == np.float64
+
+
+def test_kid_host_operands_scale_exactly():
+    # Power-of-two scaling into float32 range: huge and tiny features neither overflow nor
+    # underflow, and the kernel comes out in the original units.
+    for factor in (1e30, 1e-30):
+        x = _features(15, 30, 5) * factor
+        y = _features(16, 25, 5, shift=0.5) * factor
+        xs, ys, unscale = kid_module._host_operands(x, y, np.dtype(np.float32))
+        assert xs.dtype == np.float32 and 0.5 <= np.abs(np.vstack([xs, ys])).max() < 1.0
+        gram = kid_module._host_gram(xs, ys, same=False) * unscale
+        np.testing.assert_allclose(gram, x @ y.T, rtol=1e-5, atol=1e-6 * np.abs(x @ y.T).max())
 
 
 def test_kid_gram_tiles_and_subset_chunks_do_not_change_result(monkeypatch):
@@ -136,13 +210,22 @@ def test_kid_gram_tiles_and_subset_chunks_do_not_change_result(monkeypatch):
     ix, iy = kid_module._subset_indices(37, 29, 11, 7, 0)
     params = (3, 1.0 / 5, 1.0)
     ref = np.array([_sklearn_mmd2(x[i], y[j]) for i, j in zip(ix, iy, strict=True)])
+    xs, ys, unscale = kid_module._host_operands(x, y, np.dtype(np.float64))
     monkeypatch.setattr(kid_module, "_GRAM_TILE", 8)
-    np.testing.assert_allclose(kid_module._kid_host_gram(x, y, ix, iy, *params), ref, rtol=RTOL)
+    got = kid_module._kid_host_gram(xs, ys, ix, iy, params, unscale)
+    np.testing.assert_allclose(got, ref, rtol=RTOL)
     per_subset = 8 * (2 * 11 * 5 + 4 * 11 * 11)
     monkeypatch.setattr(kid_module, "_HOST_CHUNK_BYTES", 3 * per_subset)
     assert kid_module._subsets_per_chunk(7, 11, 5) == 3
-    got = kid_module._kid_host_subsets(x, y, ix, iy, *params)
+    got = kid_module._kid_host_subsets(xs, ys, ix, iy, params, unscale)
     np.testing.assert_allclose(got, ref, rtol=RTOL)
+    # float32 operands in blocks of 2 columns (3 blocks, a ragged last one), both strategies.
+    monkeypatch.setattr(kid_module, "_GRAM_BLOCK", 2)
+    xs, ys, unscale = kid_module._host_operands(x, y, np.dtype(np.float32))
+    bounds = np.array([_f32_gram_bound(x[i], y[j], block=2) for i, j in zip(ix, iy, strict=True)])
+    for got in (kid_module._kid_host_gram(xs, ys, ix, iy, params, unscale),
+                kid_module._kid_host_subsets(xs, ys, ix, iy, params, unscale)):
+        assert np.all(np.abs(got - ref) <= bounds)
 
 
 def test_kid_strategy_choice():
@@ -174,7 +257,7 @@ def test_kid_same_distribution_near_zero_shifted_positive():
     assert np.all(shifted.mmd2 > 0)
 
 
-def test_kid_full_sets_give_identical_subsets():
+def test_kid_full_sets_give_identical_subsets(float64_grams):
     # subset_size == n_x == n_y: every subset is a permutation of all rows.
     x = _features(32, 25, 3)
     y = _features(33, 25, 3, shift=1.0)
@@ -183,7 +266,7 @@ def test_kid_full_sets_give_identical_subsets():
     assert res.std < 1e-12 * abs(res.mean)
 
 
-def test_kid_clamps_subset_size_with_warning():
+def test_kid_clamps_subset_size_with_warning(float64_grams):
     x = _features(40, 30, 4)
     y = _features(41, 45, 4, shift=0.5)
     with pytest.warns(UserWarning, match=r"subset_size=100.*30 rows.*45 rows.*subset_size=30"):
