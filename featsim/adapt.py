@@ -107,7 +107,8 @@ def adapt_batch_stats(
         backbone: a backbone with ``variables`` (usually the pretrained one).
         source: a :class:`~featsim.data.Source` or spec (e.g. ``"chest_xray:train"``).
         max_images: use a random subset of at most this many images (None: all).
-        batch_size: images per training-mode batch; the last batch may be smaller.
+        batch_size: images per training-mode batch; the last batch may be smaller (a last
+            batch of one image joins the one before it).
         normalization: ``"backbone"`` or ``"paper"``, as ``extract_features``: the control
             must see pixels scaled as its features will be extracted.
         seed: seed of the subset and its order (the source lists images sorted by class, so
@@ -122,8 +123,8 @@ def adapt_batch_stats(
 
     Raises:
         ValueError: no variables, ``max_images``/``batch_size`` below 1, an empty source, an
-            unreadable image (without ``skip_bad``; the message names the file), or every
-            image unreadable.
+            unreadable image (without ``skip_bad``; the message names the file), or fewer than
+            2 readable images.
 
     Example:
         >>> control = adapt_batch_stats(bb, "chest_xray:train", max_images=256)  # doctest: +SKIP
@@ -154,7 +155,9 @@ def adapt_batch_stats(
     used = [0]
 
     def batches() -> Iterator[np.ndarray]:
-        rows = []
+        # A final batch of one row would have no within-batch variance (BatchNorm in training
+        # mode rejects it): it joins the batch before it.
+        held, rows = None, []
         for i in order:
             item = source.items[int(i)]
             try:
@@ -167,17 +170,24 @@ def adapt_batch_stats(
                 skipped.append(reason)
                 continue
             if len(rows) == batch_size:
-                used[0] += len(rows)
-                yield np.stack(rows)
-                rows = []
-        if rows:
-            used[0] += len(rows)
-            yield np.stack(rows)
+                if held is not None:
+                    used[0] += len(held)
+                    yield np.stack(held)
+                held, rows = rows, []
+        if len(rows) == 1 and held is not None:
+            held, rows = held + rows, []
+        for last in (held, rows):
+            if last and len(last) < 2:
+                raise ValueError(f"adapting BatchNorm needs at least 2 readable images of "
+                                 f"{source.spec!r}, got {len(last)}")
+            if last:
+                used[0] += len(last)
+                yield np.stack(last)
 
     try:
         variables = recompute_batch_stats(backbone.module.apply, backbone.variables, batches())
     except ValueError:
-        if used[0] == 0 and skipped:
+        if used[0] == 0 and skipped and len(skipped) == len(order):
             raise ValueError(f"no readable image in {source.spec!r} to adapt BatchNorm on "
                              f"({len(skipped)} skipped; first: "
                              f"{skipped[0] if skipped else 'none'})") from None

@@ -186,7 +186,7 @@ def test_run_discovery_and_training_source(tmp_path):
     assert found == [tmp_path / "root" / "seed_0", tmp_path / "root" / "seed_1"]
     assert training_source(found[0]) == "chest_xray:train" and training_source(found[1]) is None
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no model.msgpack in or below"):
+    with pytest.raises(FileNotFoundError, match=r"no model\.msgpack in or below"):
         find_finetuned([tmp_path / "empty"])
     with pytest.raises(FileNotFoundError, match="no fine-tuned run"):
         find_finetuned([tmp_path / "nope"])
