@@ -15,7 +15,12 @@ ImageNet weights here (and any the user supplies), between ImageNet validation i
 * after each training strategy of ``transfer_vs_scratch.py`` (its run folders, ``--runs``):
   every statistic before and after with paired bootstrap intervals and paired permutation tests
   of the change, and the Proposition 5 verdict as measured
-  (:func:`featsim.compare.compare_backbones`);
+  (:func:`featsim.compare.compare_backbones`); each change split into a normalisation part
+  (pretrained -> the BN-adapted control: pretrained weights, BatchNorm statistics recomputed on
+  the run's training split, :func:`featsim.adapt.adapt_batch_stats`) and a weight part
+  (control -> fine-tuned); both readings of D after fine-tuning, D(phi'(X_C), phi'(X_M)) and
+  D(phi(X_C), phi'(X_M)); and the seed-level verdict per run group (mean change over seeds
+  with a Student-t interval, :mod:`featsim.compare_seeds`);
 * the same pretrained measurements with two further medical domains, CT
   (``covid_ct_ucsd_100``) and MRI (``brain_mri_253``); no model was fine-tuned on those, so
   they are pretrained only.
@@ -38,6 +43,7 @@ training runs' mean/std 0.5, by default), ``--bootstrap``, ``--permutations``, `
 Writes to ``analysis/results/feature_similarity/``: ``results.json`` (every report, every
 comparison with its verdict, provenance), ``distances.csv`` (pretrained and split-half rows),
 ``changes.csv`` (each statistic before/after each training run, with interval and p-value),
+``parts.csv`` (its normalisation and weight parts), ``seed_level.csv`` (mean changes over seeds),
 ``table.md`` and the figures ``pretrained_<backbone>.png`` and ``change_<backbone>.png``.
 """
 
@@ -143,7 +149,30 @@ def extract_kwargs(args, normalization: str | None = None) -> dict:
             "progress": not args.no_progress}
 
 
-def compare_run(pretrained, run: common.Run, source, target, args) -> dict:
+def control_for(pretrained, run: common.Run, args, cache: dict):
+    """The BN-adapted control of ``pretrained`` on the run's training split (or
+    ``--adapt-bn``), one per backbone, weights, split and pixel scaling; None with
+    ``--no-adapt-bn`` or when no split is known (said in the results)."""
+    from featsim.adapt import adapt_batch_stats
+    from featsim.compare_seeds import training_source
+
+    if args.no_adapt_bn:
+        return None
+    spec = args.adapt_bn or training_source(run.path)
+    if spec is None:
+        return None
+    key = (run.backbone, run.weights, spec, run.normalization)
+    if key not in cache:
+        print(f"[{NAME}] {run.backbone}: BatchNorm statistics recomputed on {spec} "
+              f"(at most {args.adapt_bn_images} images)", flush=True)
+        cache[key] = adapt_batch_stats(
+            pretrained, spec, max_images=args.adapt_bn_images, batch_size=args.batch_size,
+            normalization=run.normalization, seed=args.seed, skip_bad=not args.strict)
+    return cache[key]
+
+
+def compare_run(pretrained, run: common.Run, source, target, args, control=None):
+    """``(JSON-ready dict, ComparisonResult)`` of pretrained vs this run (and the control)."""
     from featsim.compare import compare_backbones, load_finetuned
 
     finetuned = load_finetuned(run.path, backbone=run.backbone)
@@ -153,13 +182,59 @@ def compare_run(pretrained, run: common.Run, source, target, args) -> dict:
             pretrained, finetuned, source, target, layer=args.layer,
             n_bootstrap=args.bootstrap, n_permutations=args.permutations,
             kid_subset_size=kid_size(args, len(source), len(target)),
-            kid_subsets=args.kid_subsets, seed=args.seed,
+            kid_subsets=args.kid_subsets, seed=args.seed, control=control,
             **extract_kwargs(args, run.normalization))
     out = result.to_dict()
     out.update(model=run.name, strategy=run.strategy, seed=run.seed, label=run.label,
                learning_rate=run.learning_rate, run=str(run.path),
                normalization=run.normalization, note=MODEL_NOTES.get(run.strategy, ""))
+    return out, result
+
+
+def seed_level(comparisons: list[dict], results: list) -> list[dict]:
+    """One seed-level summary (mean change over seeds, Student-t interval; total,
+    normalisation and weight parts) per backbone and run group."""
+    from featsim.compare import _collapse_note
+    from featsim.compare_seeds import seed_summary
+
+    groups: dict = {}
+    for c, r in zip(comparisons, results, strict=True):
+        groups.setdefault((c["backbone"], c["label"]), []).append((c, r))
+    out = []
+    for (backbone, label), members in groups.items():
+        members.sort(key=lambda cr: cr[0]["seed"])
+        control = members[0][1].control
+        summary = seed_summary([r.change for _, r in members],
+                               labels=[f"seed {c['seed']}" for c, _ in members],
+                               notes=[_collapse_note(r) for _, r in members],
+                               control=None if control is None else control.describe())
+        out.append({"backbone": backbone, "label": label,
+                    "strategy": members[0][0]["strategy"], **summary.to_dict()})
     return out
+
+
+def part_rows(comparison: dict) -> list[dict]:
+    """Every statistic's normalisation and weight parts (the total is in changes.csv)."""
+    rows = []
+    for part in ("normalisation", "weights"):
+        for name, d in comparison.get("parts", {}).get(part, {}).items():
+            rows.append({"backbone": comparison["backbone"], "model": comparison["model"],
+                         "strategy": comparison["strategy"], "seed": comparison["seed"],
+                         "layer": comparison["layer"], "part": part, "statistic": name,
+                         "before": d["before"], "after": d["after"], "change": d["estimate"],
+                         "change_low": d["low"], "change_high": d["high"],
+                         "pvalue": d["pvalue"]})
+    return rows
+
+
+def seed_rows(summary: dict) -> list[dict]:
+    rows = []
+    for part, stats in summary["changes"].items():
+        for name, c in stats.items():
+            rows.append({"backbone": summary["backbone"], "label": summary["label"],
+                         "part": part, "statistic": name, "n_seeds": c["n"],
+                         "mean_change": c["mean"], "t_low": c["low"], "t_high": c["high"]})
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,8 +360,52 @@ def markdown(result: dict) -> str:
                           f"{c['kid']['pretrained']:.3g} → {c['kid']['finetuned']:.3g}",
                           f"{c['cka']['per_layer'].get(c['layer'], math.nan):.3f}"]
                 table.append(cells)
-            lines += [common.markdown_table(header, table), "",
-                      "### Proposition 5, as measured", ""]
+            lines += [common.markdown_table(header, table), ""]
+            split = [c for c in comps if c.get("control")]
+            if split:
+                lines += ["### Normalisation vs weights", "",
+                          f"Control: {split[0]['control']['description']}. Total = "
+                          "normalisation part (pretrained -> BN-adapted) + weight part "
+                          "(BN-adapted -> fine-tuned), paired 95% bootstrap intervals.", ""]
+                header = ["model", *(f"{STAT_LABELS[s]}: total = norm. + weights"
+                                     for s in CHANGE_STATS),
+                          "D(φ(X_C), φ'(X_M))"]
+                table = []
+                for c in split:
+                    cells = [c["model"]]
+                    for s in CHANGE_STATS:
+                        p = {k: c["parts"][k][s] for k in ("total", "normalisation",
+                                                             "weights")}
+                        cells.append(" = ".join(
+                            common.fmt_ci(p[k]["estimate"], p[k]["low"], p[k]["high"], 3)
+                            for k in ("total", "normalisation")) + " + "
+                            + common.fmt_ci(p["weights"]["estimate"], p["weights"]["low"],
+                                            p["weights"]["high"], 3))
+                    mixed = c["readings"].get("pretrained_source_finetuned_target")
+                    cells.append("-" if mixed is None else f"{mixed['report']['distance']:.4g}")
+                    table.append(cells)
+                lines += [common.markdown_table(header, table), ""]
+            levels = [s for s in result.get("seed_level", []) if s["backbone"] == backbone]
+            if levels:
+                lines += ["### Proposition 5 over seeds (the run as the unit)", "",
+                          "Mean change over seeds [95% Student-t interval, n - 1 df].", ""]
+                parts = ("total", "normalisation", "weights")
+                header = ["runs", "n", *(f"{STAT_LABELS[s]} ({p})" for s in
+                                         ("distance", "ratio", "distance_cosine")
+                                         for p in parts)]
+                table = []
+                for lv in levels:
+                    cells = [lv["label"], str(lv["n_seeds"])]
+                    for s in ("distance", "ratio", "distance_cosine"):
+                        for p in parts:
+                            c = lv["changes"].get(p, {}).get(s)
+                            cells.append("-" if c is None else
+                                         common.fmt_ci(c["mean"], c["low"], c["high"], 3))
+                    table.append(cells)
+                lines += [common.markdown_table(header, table), ""]
+                for lv in levels:
+                    lines += [f"- **{lv['label']}**: {lv['verdict']}", ""]
+            lines += ["### Proposition 5, per run (detail)", ""]
             for c in comps:
                 lines += [f"- **{c['model']}** ({c['note']}): {c['verdict']}", ""]
     if not result["comparisons"]:
@@ -405,6 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, default=None,
                    help="transfer_vs_scratch.py's runs (default analysis/runs/"
                         "transfer_vs_scratch/; quick: .../transfer_vs_scratch-quick/)")
+    p.add_argument("--adapt-bn", default=None, metavar="SPEC",
+                   help="images for the BN-adapted control (default: each run's training "
+                        "split, from its analysis_run.json)")
+    p.add_argument("--adapt-bn-images", type=int, default=None,
+                   help="at most this many images for the control (512; quick 32)")
+    p.add_argument("--no-adapt-bn", action="store_true",
+                   help="no control: total changes only")
     p.add_argument("--layer", default="pre_logits")
     p.add_argument("--normalization", default="paper", choices=("paper", "backbone"),
                    help="pixel scaling of the pretrained-only rows (runs use their own)")
@@ -430,6 +556,7 @@ def main(argv=None) -> int:
     args.permutations = 20 if args.quick and args.permutations is None else (
         200 if args.permutations is None else args.permutations)
     args.kid_subsets = args.kid_subsets or (10 if args.quick else 100)
+    args.adapt_bn_images = args.adapt_bn_images or (32 if args.quick else 512)
     common.setup_caches(args)
     out = common.results_dir(NAME, args.out, quick=args.quick)
     runs_dir = args.runs or common.default_runs_dir(args.quick)
@@ -467,7 +594,7 @@ def main(argv=None) -> int:
             cache[key] = pretrained_backbone(name, weights)
         return cache[key]
 
-    measurements, comparisons = [], []
+    measurements, comparisons, results, controls = [], [], [], {}
     for name, weights in backbones:
         try:
             backbone = pretrained(name, weights)
@@ -482,7 +609,10 @@ def main(argv=None) -> int:
         for run in [r for r in runs if r.backbone == name]:
             print(f"[{NAME}] {name}: pretrained vs {run.name} ({run.path})", flush=True)
             before = pretrained(name, Path(run.weights) if run.weights else None)
-            comparisons.append(compare_run(before, run, source, domains[0][1], args))
+            control = control_for(before, run, args, controls)
+            out, res = compare_run(before, run, source, domains[0][1], args, control)
+            comparisons.append(out)
+            results.append(res)
 
     rows, seen = [], set()
     for m in measurements:
@@ -491,6 +621,7 @@ def main(argv=None) -> int:
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
+    levels = seed_level(comparisons, results)
     order = {"linear": 0, "finetune": 1, "scratch": 2}
     comparisons.sort(key=lambda c: (c["backbone"], -c["learning_rate"],
                                     order.get(c["strategy"], 3), c["seed"]))
@@ -503,7 +634,12 @@ def main(argv=None) -> int:
         "domains": {label: {"spec": str(src.spec), "has_finetuned_runs": ft and bool(runs)}
                     for label, src, ft in domains},
         "measurements": measurements, "distance_rows": rows,
-        "comparisons": comparisons, "skipped": skipped,
+        "comparisons": comparisons, "seed_level": levels, "skipped": skipped,
+        "adapt_bn": {"source": args.adapt_bn or "each run's training split",
+                     "max_images": args.adapt_bn_images, "disabled": args.no_adapt_bn,
+                     "missing": sorted({c["model"] for c in comparisons
+                                        if not c.get("control")}) if not args.no_adapt_bn
+                     else []},
         "notes": {"other_domains": "no model was trained on the further medical domains, so "
                                    "they are measured with the pretrained backbones only",
                   **{f"strategy {k}": v for k, v in MODEL_NOTES.items()}},
@@ -511,6 +647,8 @@ def main(argv=None) -> int:
     result["provenance"] = common.provenance(clock, data=data)
     common.write_csv(out / "distances.csv", rows)
     common.write_csv(out / "changes.csv", [row for c in comparisons for row in change_rows(c)])
+    common.write_csv(out / "parts.csv", [row for c in comparisons for row in part_rows(c)])
+    common.write_csv(out / "seed_level.csv", [row for lv in levels for row in seed_rows(lv)])
     figures = []
     for backbone in result["backbones"]:
         for fn, stem in ((plot_pretrained, "pretrained"), (plot_changes, "change")):

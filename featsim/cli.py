@@ -178,25 +178,56 @@ def _convert_weights_command(args) -> int:
 
 
 def _compare_command(args) -> int:
-    from featsim.compare import compare_backbones, load_finetuned, plot_cka
+    from featsim.adapt import adapt_batch_stats
+    from featsim.compare import load_finetuned, plot_cka
+    from featsim.compare_seeds import compare_runs, find_finetuned, training_source
     from featsim.pipeline import pretrained_backbone
 
-    finetuned = load_finetuned(args.finetuned, backbone=args.backbone)  # cheap checks first
+    runs = find_finetuned(args.finetuned)
+    finetuned = [load_finetuned(r, backbone=args.backbone) for r in runs]  # cheap checks first
+    adapt_source = args.adapt_bn
+    if adapt_source is None and not args.no_adapt_bn:
+        named = {training_source(r) for r in runs} - {None}
+        if len(named) != 1:
+            raise ValueError(
+                "the BN-adapted control needs a source: the runs' records name "
+                + (f"several training splits {sorted(named)}" if named else "no training split")
+                + "; pass --adapt-bn SOURCE (e.g. chest_xray:train, the fine-tuning data) or "
+                "--no-adapt-bn for the total change only")
+        adapt_source = named.pop()
     pretrained = pretrained_backbone(args.backbone, args.weights)
-    result = compare_backbones(
-        pretrained, finetuned, args.source, args.target, layer=args.layer,
+    control = None
+    if adapt_source is not None:
+        control = adapt_batch_stats(
+            pretrained, adapt_source, max_images=args.adapt_bn_images or None,
+            batch_size=args.batch_size, normalization=args.normalization, seed=args.seed,
+            skip_bad=args.skip_bad, data_dir=args.data_dir)
+        print(f"BN-adapted control: {control.describe()}"
+              + ("" if args.adapt_bn else " (named by the run's records)"))
+    results = compare_runs(
+        pretrained, finetuned, args.source, args.target, control=control, layer=args.layer,
         metric=args.metric, n_bootstrap=args.bootstrap, n_permutations=args.permutations,
         ci_method=args.ci_method, kid_subset_size=args.kid_subset_size,
         kid_subsets=args.kid_subsets, seed=args.seed, **_extract_kwargs(args))
-    print(result.to_table())
-    print()
-    print(result.verdict)
-    for skipped in result.before_source.skipped + result.before_target.skipped:
+    first = results.results[0]
+    if len(results.results) == 1:
+        print(first.to_table())
+        print()
+        print(first.verdict)
+        print()
+        print(results.seeds.to_table())
+        out = dict(first.to_dict(), seed_level=results.seeds.to_dict())
+    else:
+        print(results.to_table())
+        print()
+        print(results.verdict)
+        out = results.to_dict()
+    for skipped in first.before_source.skipped + first.before_target.skipped:
         print(f"skipped {skipped.name}: {skipped.reason}", file=sys.stderr)
     if args.json:
-        _write_json(args.json, result.to_dict())
+        _write_json(args.json, out)
     if args.plot:
-        print(f"wrote {plot_cka(result, args.plot)}")
+        print(f"wrote {plot_cka(first, args.plot)}")
     return 0
 
 
@@ -423,9 +454,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "networks at every layer on the target images; and a verdict on Gu & "
                     "Lee's Proposition 5 (fine-tuning lowers D). Sources: " + sources_help)
     add_extract_options(cp)
-    cp.add_argument("--finetuned", required=True, type=Path, metavar="DIR",
-                    help="fine-tuned run directory (its model.msgpack) or a .msgpack file "
-                         "written by the trainer")
+    cp.add_argument("--finetuned", required=True, type=Path, metavar="DIR", action="append",
+                    help="fine-tuned run directory (its model.msgpack), a .msgpack file "
+                         "written by the trainer, or a run root (every model.msgpack below "
+                         "it, e.g. OUT of `featsim train --seeds 0,1,2`); repeatable. With 3 "
+                         "or more runs the Proposition 5 verdict is drawn over seeds (mean "
+                         "change, Student-t interval)")
+    cp.add_argument("--adapt-bn", default=None, metavar="SOURCE",
+                    help="images for the BN-adapted control (pretrained weights, BatchNorm "
+                         "statistics recomputed on SOURCE, e.g. chest_xray:train): every change "
+                         "is split into a normalisation part and a weight part. Default: the "
+                         "training split the runs' records name; else required (or "
+                         "--no-adapt-bn)")
+    cp.add_argument("--adapt-bn-images", type=int, default=512, metavar="N",
+                    help="at most N images of SOURCE, a seeded random subset (default 512; "
+                         "0: all); recorded in the output")
+    cp.add_argument("--no-adapt-bn", action="store_true",
+                    help="no control: report the total change only")
     cp.add_argument("--source", required=True, help="natural images: " + sources_help)
     cp.add_argument("--target", required=True, help="medical images (same forms)")
     cp.add_argument("--layer", default="pre_logits", help="feature layer (default pre_logits)")

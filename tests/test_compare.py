@@ -389,9 +389,12 @@ def test_cli_compare_with_a_finetuned_run(finetuned_dir, images, cache_dir, tmp_
             "--source", str(images[0]), "--target", str(images[1]), "--bootstrap", "50",
             "--permutations", "50", "--kid-subset-size", "10", "--kid-subsets", "10",
             "--batch-size", "16", "--cache-dir", str(cache_dir), "--json", str(out),
-            "--plot", str(png), "--no-progress"]
+            "--plot", str(png), "--no-progress", "--adapt-bn", str(images[1]),
+            "--adapt-bn-images", "8"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
+    assert "BN-adapted control: pretrained weights, BatchNorm statistics recomputed" in printed
+    assert "normalisation part" in printed and "fewer than 3 seeds" in printed
     assert "pretrained vs fine-tuned" in printed and "ratio D / mean within" in printed
     assert "D [cosine]" in printed and "linear CKA" in printed and "Proposition 5" in printed
     result = json.loads(out.read_text())
@@ -419,6 +422,18 @@ def test_cli_compare_with_a_finetuned_run(finetuned_dir, images, cache_dir, tmp_
     assert np.all((np.array(cka["matrix"]["values"]) >= 0)
                   & (np.array(cka["matrix"]["values"]) <= 1))
 
+    # The control: recorded, and every change split in two parts that add up.
+    assert result["control"]["n_images"] == 8 and result["control"]["n_available"] == 12
+    assert result["control"]["source"] == str(images[1])
+    for name in STATISTICS:
+        parts = result["parts"]
+        assert parts["total"][name] == result["deltas"][name]
+        np.testing.assert_allclose(
+            parts["normalisation"][name]["estimate"] + parts["weights"][name]["estimate"],
+            parts["total"][name]["estimate"], rtol=1e-12, atol=1e-15)
+    assert result["readings"]["pretrained_source_finetuned_target"]["report"]["distance"] > 0
+    assert not result["seed_level"]["has_verdict"]
+    assert result["permutation_test"]["floor"] == 1 / 51
     # The deltas are the reports' differences.
     for name in STATISTICS:
         d = result["deltas"][name]
@@ -438,6 +453,10 @@ def test_cli_compare_errors_exit_2(finetuned_dir, images, tmp_path, capsys):
             "--target", str(images[1]), "--no-progress", "--cache-dir", str(tmp_path)]
     assert main([*base, "--finetuned", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+    # No control source named by the run's records: it must be given (or declined).
+    assert main([*base, "--finetuned", str(finetuned_dir)]) == 2
+    assert "pass --adapt-bn SOURCE" in capsys.readouterr().err
+    base += ["--no-adapt-bn"]
     assert main([*base, "--finetuned", str(finetuned_dir), "--backbone", "resnet18"]) == 2
     assert "holds a fine-tuned 'efficientnet_lite0'" in capsys.readouterr().err
     assert main([*base, "--finetuned", str(finetuned_dir), "--ci-method", "BCa"]) == 2
