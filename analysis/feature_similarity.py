@@ -405,7 +405,7 @@ def markdown(result: dict) -> str:
                 lines += [common.markdown_table(header, table), ""]
                 for lv in levels:
                     lines += [f"- **{lv['label']}**: {lv['verdict']}", ""]
-            lines += ["### Proposition 5, per run (detail)", ""]
+            lines += ["### Proposition 5, as measured, per run (detail)", ""]
             for c in comps:
                 lines += [f"- **{c['model']}** ({c['note']}): {c['verdict']}", ""]
     if not result["comparisons"]:
@@ -610,8 +610,8 @@ def main(argv=None) -> int:
             print(f"[{NAME}] {name}: pretrained vs {run.name} ({run.path})", flush=True)
             before = pretrained(name, Path(run.weights) if run.weights else None)
             control = control_for(before, run, args, controls)
-            out, res = compare_run(before, run, source, domains[0][1], args, control)
-            comparisons.append(out)
+            entry, res = compare_run(before, run, source, domains[0][1], args, control)
+            comparisons.append(entry)
             results.append(res)
 
     rows, seen = [], set()
