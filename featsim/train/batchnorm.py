@@ -32,10 +32,14 @@ more than once per forward pass, weights shared, blends twice and is not support
 
 Only real rows must be passed: there is no mask, so a padded row would enter the statistics
 (pass exact-size batches; a final short batch counts with its own, smaller, weight).
+:func:`even_batches` cuts ``n`` rows into batches that cover every row once, none padded,
+with sizes that differ by at most one (so no final batch of one or two rows, whose
+statistics would be far off or, with an unbiased variance, undefined).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 
 import flax.linen as nn
@@ -43,13 +47,28 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-__all__ = ["batchnorm_momenta", "recompute_batch_stats"]
+__all__ = ["batchnorm_momenta", "even_batches", "recompute_batch_stats"]
 
 COLLECTION = "batch_stats"
 
 
 def _as_args(batch) -> tuple:
     return tuple(batch) if isinstance(batch, tuple | list) else (batch,)
+
+
+def even_batches(n: int, batch_size: int) -> list[np.ndarray]:
+    """``ceil(n / batch_size)`` consecutive int index arrays covering ``range(n)`` once, sizes
+    differing by at most one (``np.array_split``): no padded row, no batch above
+    ``batch_size``, and none below ``floor(n / ceil(n / batch_size))``, e.g. 9 rows in
+    batches of at most 8 -> 5 + 4, not 8 + 1.
+
+    Raises:
+        ValueError: ``n < 1`` or ``batch_size < 1``.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"even_batches needs n >= 1 and batch_size >= 1, got n={n}, "
+                         f"batch_size={batch_size}")
+    return np.array_split(np.arange(n), -(-n // batch_size))
 
 
 def batchnorm_momenta(apply_fn: Callable, variables: Mapping, *args,
@@ -73,6 +92,16 @@ def batchnorm_momenta(apply_fn: Callable, variables: Mapping, *args,
     with nn.intercept_methods(interceptor):
         jax.eval_shape(run, variables, *args)
     return found
+
+
+def _batch_update_impl(static, v, key, *args):
+    apply_fn, apply_kwargs = static
+    _, updates = apply_fn(v, *args, mutable=[COLLECTION], rngs={"dropout": key},
+                          **dict(apply_kwargs))
+    return updates[COLLECTION]
+
+
+_batch_update = jax.jit(_batch_update_impl, static_argnums=0)
 
 
 def recompute_batch_stats(
@@ -116,11 +145,15 @@ def recompute_batch_stats(
         {k: np.zeros(np.shape(v), np.float32) for k, v in flat_stats.items()})
     start = dict(variables, **{COLLECTION: zeros})
 
-    @jax.jit
-    def batch_update(v, key, *args):
-        _, updates = apply_fn(v, *args, mutable=[COLLECTION], rngs={"dropout": key},
-                              **apply_kwargs)
-        return updates[COLLECTION]
+    try:  # one compilation per (apply_fn, kwargs, shapes), reused by later calls
+        static = (apply_fn, tuple(sorted(apply_kwargs.items())))
+        hash(static)
+
+        def batch_update(v, key, *args):
+            return _batch_update(static, v, key, *args)
+    except TypeError:  # an unhashable apply_fn or keyword value: compile for this call
+        batch_update = jax.jit(functools.partial(_batch_update_impl, (apply_fn, tuple(
+            apply_kwargs.items()))))
 
     sums: dict[tuple, np.ndarray] | None = None
     scale: dict[tuple, float] = {}

@@ -93,6 +93,19 @@ class TrainConfig:
             (BatchNorm statistics at their initial values) and trains the head: a
             random-features probe. ``scratch`` is always random and ``meanvar`` needs
             the pretrained values, so both take only ``"pretrained"`` (the default).
+        recompute_bn_stats: before every validation/test evaluation and before saving a
+            model, replace the BatchNorm running statistics by their population values
+            over the training split's images, un-augmented, preprocessed as at inference
+            (:func:`~featsim.train.batchnorm.recompute_batch_stats`), for every strategy
+            that trains BatchNorm (all but ``linear``; ``partial`` only its unfrozen
+            stages). The training state keeps its running averages (a resumed run equals
+            an uninterrupted one). With momentum 0.99 the running averages of a short run
+            still hold mostly their initial values (``0.99 ** 45 = 0.64``) and the
+            inference network can be nearly constant. False (an ablation): evaluate and
+            save the running averages. Recorded as ``bn_stats`` in ``metrics.json``.
+        bn_stats_images: use at most this many training images (a fixed, seeded subset)
+            for the recomputation, which costs one forward pass over them per evaluation;
+            None: all of them.
     """
 
     backbone: str
@@ -119,6 +132,8 @@ class TrainConfig:
     image_dtype: str = "uint8"
     seed: int = 0
     init: str = "pretrained"
+    recompute_bn_stats: bool = True
+    bn_stats_images: int | None = None
 
     def __post_init__(self):
         if self.stop_when is not None:  # JSON lists, a StopWhen or its string: one tuple form
@@ -162,6 +177,8 @@ class TrainConfig:
              "early stopping needs a validation split (val_fraction > 0)"),
             (self.stop_when is None or self.val_fraction > 0,
              "stop_when needs a validation split (val_fraction > 0)"),
+            (self.bn_stats_images is None or self.bn_stats_images >= 2,
+             "bn_stats_images must be None (all training images) or >= 2"),
         ]
         for ok, message in checks:
             if not ok:

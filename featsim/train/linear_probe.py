@@ -68,7 +68,13 @@ def _set_head(variables, path, head):
 def train_linear_probe(config: TrainConfig, workdir, *, train, test, weights=None,
                        progress: bool = True, data_dir=None, cache_dir=None) -> dict:
     """:func:`~featsim.train.train_and_evaluate` for ``linear`` without augmentation."""
-    from featsim.train.loop import _initial_variables, _save_json, _write_history
+    from featsim.train.loop import (
+        _bn_description,
+        _initial_variables,
+        _save_json,
+        _write_history,
+        bn_stats_mode,
+    )
 
     started = time.perf_counter()
     workdir = Path(workdir)
@@ -108,7 +114,9 @@ def train_linear_probe(config: TrainConfig, workdir, *, train, test, weights=Non
     result = {f"test_{k}": v for k, v in evaluate(head, "test").items()}
     result.update(epoch=config.epochs, epochs_run=config.epochs, n_train=len(x["train"]),
                   n_val=0, n_test=len(x["test"]), seconds=time.perf_counter() - started,
-                  devices=1, path="cached_features", config=config.to_dict(),
+                  devices=1, path="cached_features",
+                  bn_stats=_bn_description(bn_stats_mode(config, variables.get("batch_stats")),
+                                           0), bn_stats_images=0, config=config.to_dict(),
                   featsim_version=featsim.__version__)
     _save_json(workdir / "metrics.json", result)
     return result

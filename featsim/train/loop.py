@@ -7,6 +7,16 @@ specificity, ROC AUC, ECE on train, validation and test per epoch); ``model.msgp
 final variables, loadable by ``featsim compare`` and ``featsim distance --weights``); and
 ``metrics.json`` (the final model's test metrics as ``test_<name>``).
 
+BatchNorm (``TrainConfig.recompute_bn_stats``, default on): every strategy that trains
+BatchNorm (all but ``linear``) is evaluated, and saved, with population statistics
+recomputed over the training split's images (un-augmented, inference preprocessing, every
+row once, none padded; :func:`population_batch_stats`) from that epoch's weights, instead of
+the running averages, which after a short run still hold mostly their initial values. The
+state that trains on (and ``checkpoint.msgpack``) keeps the running averages, so resuming,
+device count and padding leave results unchanged. ``metrics.json`` says which statistics
+the reported model has (``bn_stats``, ``bn_stats_images``); ``history`` rows record
+``bn_stats_images`` per epoch.
+
 Multi-host: call ``jax.distributed.initialize()`` first; every process then builds the same
 global batches and feeds its share (:func:`featsim.parallel.process_slice`) to its local
 devices, and ``pmap``'s collectives span all hosts. Only process 0 needs to write files
@@ -32,6 +42,7 @@ from featsim.backbones.registry import get_backbone
 from featsim.backbones.weights import save_variables
 from featsim.data.transforms import Transform
 from featsim.train import heads, strategies
+from featsim.train.batchnorm import even_batches, recompute_batch_stats
 from featsim.train.callbacks import StopWhen
 from featsim.train.config import TrainConfig
 from featsim.train.data import Dataset, batches, load_dataset, split_validation
@@ -46,9 +57,22 @@ from featsim.train.runfiles import load_checkpoint as _load_checkpoint
 from featsim.train.runfiles import save_checkpoint as _save_checkpoint
 from featsim.train.runfiles import save_json as _save_json
 from featsim.train.runfiles import write_history as _write_history
-from featsim.train.steps import StepConfig, TrainState, make_eval_step, make_train_step
+from featsim.train.steps import (
+    StepConfig,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+    normalize_images,
+)
 
-__all__ = ["create_train_state", "evaluate", "run_seeds", "train_and_evaluate"]
+__all__ = [
+    "bn_stats_mode",
+    "create_train_state",
+    "evaluate",
+    "population_batch_stats",
+    "run_seeds",
+    "train_and_evaluate",
+]
 
 
 def _initial_variables(config: TrainConfig, num_classes: int, rng, weights):
@@ -99,6 +123,82 @@ def create_train_state(config: TrainConfig, num_classes: int, steps_per_epoch: i
         aux_weight=config.aux_weight,
     )
     return state, step_config, backbone, transform
+
+
+def bn_stats_mode(config: TrainConfig, batch_stats, frozen_stats=frozenset()) -> str:
+    """How a run's evaluated and saved model gets its BatchNorm statistics:
+
+    * ``"recomputed"``: population statistics over the training images
+      (:func:`population_batch_stats`);
+    * ``"running"``: the training running averages (``recompute_bn_stats=False``);
+    * ``"frozen"``: never trained (``linear``, or every BatchNorm in a frozen stage), so the
+      body's own statistics (pretrained, or initial for ``init="random"``) stay;
+    * ``"none"``: the model has no BatchNorm.
+    """
+    flat = traverse_util.flatten_dict(batch_stats) if batch_stats else {}
+    if not flat:
+        return "none"
+    if config.strategy == "linear" or all(k in frozen_stats for k in flat):
+        return "frozen"
+    return "recomputed" if config.recompute_bn_stats else "running"
+
+
+def _bn_description(mode: str, n_images: int) -> str:
+    return {
+        "recomputed": f"recomputed on {n_images} training images (un-augmented)",
+        "running": "running averages of training (recompute_bn_stats=False)",
+        "frozen": "not applicable: BatchNorm statistics frozen (never trained)",
+        "none": "not applicable: no BatchNorm",
+    }[mode]
+
+
+def population_batch_stats(module, step_config: StepConfig, variables: dict, images,
+                           batch_size: int, rng) -> dict:
+    """``variables["batch_stats"]`` with every trained BatchNorm's running statistics
+    replaced by their population values over ``images``
+    (:func:`~featsim.train.batchnorm.recompute_batch_stats`).
+
+    Args:
+        module: the model without a pmap ``bn_axis_name`` (runs under ``jit`` on one device,
+            so the result does not depend on the device count).
+        step_config: the run's; its ``scale``/``offset`` preprocess the raw pixels exactly as
+            the eval step does (no augmentation); its ``frozen_stats`` leaves are kept.
+        variables: host ``{"params", "batch_stats"}``.
+        images: ``[n, S, S, 3]`` on [0, 255], every row real.
+        batch_size: the training (global) batch; the rows are cut by
+            :func:`~featsim.train.batchnorm.even_batches` (all rows once, no padding, sizes
+            within one of each other, none above ``batch_size``), so each BatchNorm sees
+            batches like the synchronised ones of training.
+        rng: key for stochastic layers (dropout) in training mode.
+    """
+    apply_fn = _normalized_apply(module, step_config)
+    chunks = (images[index] for index in even_batches(len(images), batch_size))
+    new = recompute_batch_stats(apply_fn, {"params": variables["params"],
+                                           "batch_stats": variables["batch_stats"]},
+                                chunks, rng=rng)["batch_stats"]
+    if not step_config.frozen_stats:
+        return new
+    flat_new = traverse_util.flatten_dict(new)
+    flat_old = traverse_util.flatten_dict(variables["batch_stats"])
+    return traverse_util.unflatten_dict({
+        k: (np.asarray(flat_old[k]) if k in step_config.frozen_stats else v)
+        for k, v in flat_new.items()})
+
+
+_APPLY_CACHE: dict = {}
+
+
+def _normalized_apply(module, step_config: StepConfig):
+    """``module.apply`` on raw pixels, one function object per (module, scaling) so that
+    :func:`recompute_batch_stats` compiles once per run, not once per epoch."""
+    key = (module, step_config.scale, step_config.offset)
+    if key not in _APPLY_CACHE:
+        def apply_fn(variables, images, **kwargs):
+            return module.apply(variables, normalize_images(images, step_config), **kwargs)
+
+        _APPLY_CACHE.clear()  # holds the latest run's only
+        _APPLY_CACHE[key] = apply_fn
+    return _APPLY_CACHE[key]
 
 
 def _batch(dataset: Dataset, index, mask):
@@ -211,8 +311,31 @@ def train_and_evaluate(
     steps_per_epoch = math.ceil(len(train) / batch_size)
     rng = jax.random.key(config.seed)
     init_key, data_key, step_key = jax.random.split(rng, 3)
-    state, step_config, _, _ = create_train_state(config, head, steps_per_epoch, init_key,
-                                                  weights=weights)
+    state, step_config, model, _ = create_train_state(config, head, steps_per_epoch, init_key,
+                                                      weights=weights)
+    bn_mode = bn_stats_mode(config, state.batch_stats, step_config.frozen_stats)
+    bn_images = train.images
+    if (bn_mode == "recomputed" and config.bn_stats_images is not None
+            and config.bn_stats_images < len(train)):
+        pick = np.random.default_rng(config.seed).choice(len(train), config.bn_stats_images,
+                                                         replace=False)
+        bn_images = train.images[np.sort(pick)]
+    n_bn = len(bn_images) if bn_mode == "recomputed" else 0
+    bn_key = jax.random.fold_in(rng, 1)  # independent of init/data/step keys
+
+    def for_evaluation(state, epoch):
+        """``(state to evaluate and save, history fields)``: with recomputed statistics a
+        copy whose BatchNorm statistics are the population ones of this epoch's weights
+        (deterministic in ``epoch``); the training state itself is left as it is."""
+        if bn_mode != "recomputed":
+            return state, {}
+        t0 = time.perf_counter()
+        host = {"params": parallel.unreplicate(state.params),
+                "batch_stats": parallel.unreplicate(state.batch_stats)}
+        stats = population_batch_stats(model.module, step_config, host, bn_images, batch_size,
+                                       jax.random.fold_in(bn_key, epoch))
+        return (state.replace(batch_stats=parallel.replicate(stats)),
+                {"bn_stats_images": n_bn, "bn_seconds": time.perf_counter() - t0})
     (workdir / "config.json").write_text(config.to_json() + "\n")
     p_train = parallel.pmap(make_train_step(step_config, weights_c), in_axes=(0, 0, None))
     p_eval = parallel.pmap(make_eval_step(step_config, weights_c))
@@ -227,6 +350,7 @@ def train_and_evaluate(
         state = parallel.replicate(host_state)
         if history and history[-1].get("stop_reason"):
             start_epoch = config.epochs  # the run had stopped: do not train on
+    last_eval = None
     bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"{config.backbone} "
                f"{config.strategy}", unit="epoch", disable=not progress)
     for epoch in range(start_epoch, config.epochs):
@@ -249,10 +373,13 @@ def train_and_evaluate(
             num_classes=num_classes, loss=loss_sum / count)
         train_metrics.update(_aux_metrics(aux, count))
         row.update({f"train_{k}": v for k, v in train_metrics.items()})
+        eval_state, bn_row = for_evaluation(state, epoch)
+        last_eval = (epoch + 1, eval_state)
+        row.update(bn_row)
         if val is not None:
-            row.update({f"val_{k}": v for k, v in evaluate(p_eval, state, val,
+            row.update({f"val_{k}": v for k, v in evaluate(p_eval, eval_state, val,
                                                            batch_size).items()})
-        row.update({f"test_{k}": v for k, v in evaluate(p_eval, state, test,
+        row.update({f"test_{k}": v for k, v in evaluate(p_eval, eval_state, test,
                                                         batch_size).items()})
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
@@ -260,7 +387,8 @@ def train_and_evaluate(
         if val is not None:
             if best["val_loss"] is None or row["val_loss"] < best["val_loss"]:
                 best = {"epoch": epoch + 1, "val_loss": row["val_loss"]}
-                _save_model(workdir / "best_model.msgpack", state, config, head)
+                _save_model(workdir / "best_model.msgpack", eval_state, config, head,
+                            bn_stats=_bn_description(bn_mode, n_bn))
             elif (config.early_stopping_patience is not None
                   and epoch + 1 - best["epoch"] >= config.early_stopping_patience):
                 stop = (f"early_stopping_patience={config.early_stopping_patience}: no "
@@ -275,32 +403,37 @@ def train_and_evaluate(
         if stop:
             break
     bar.close()
-    final = state
     chosen_epoch = history[-1]["epoch"]
     if config.early_stopping_patience is not None and best["epoch"] is not None:
-        chosen_epoch = best["epoch"]
+        chosen_epoch = best["epoch"]  # saved with the statistics it was evaluated with
         host = _load_model_into(workdir / "best_model.msgpack", parallel.unreplicate(state))
         final = parallel.replicate(host)
+    elif last_eval is not None and last_eval[0] == chosen_epoch:
+        final = last_eval[1]
+    else:  # resumed after the last epoch: the same statistics again (same key)
+        final, _ = for_evaluation(state, chosen_epoch - 1)
     test_metrics = evaluate(p_eval, final, test, batch_size)
-    _save_model(workdir / "model.msgpack", final, config, head)
+    _save_model(workdir / "model.msgpack", final, config, head,
+                bn_stats=_bn_description(bn_mode, n_bn))
     result = {f"test_{k}": v for k, v in test_metrics.items()}
     result.update(epoch=chosen_epoch, epochs_run=len(history), n_train=len(train),
                   n_val=0 if val is None else len(val), n_test=len(test),
                   seconds=time.perf_counter() - started, devices=ndev,
                   stop_reason=history[-1].get("stop_reason"),
+                  bn_stats=_bn_description(bn_mode, n_bn), bn_stats_images=n_bn,
                   config=config.to_dict(), featsim_version=featsim.__version__)
     _save_json(workdir / "metrics.json", result)
     return result
 
 
-def _save_model(path: Path, state, config: TrainConfig, num_classes: int) -> None:
-    host = parallel.unreplicate(state)
-    variables = {"params": host.params}
-    if host.batch_stats is not None:
-        variables["batch_stats"] = host.batch_stats
+def _save_model(path: Path, state, config: TrainConfig, num_classes: int, *,
+                bn_stats: str) -> None:
+    variables = {"params": parallel.unreplicate(state.params)}
+    if state.batch_stats is not None:
+        variables["batch_stats"] = parallel.unreplicate(state.batch_stats)
     save_variables(path, variables, metadata={
         "backbone": config.backbone, "num_classes": str(num_classes),
-        "strategy": config.strategy, "config": config.to_json()})
+        "strategy": config.strategy, "config": config.to_json(), "batch_stats": bn_stats})
 
 
 def _load_model_into(path: Path, state):

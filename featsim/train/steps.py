@@ -30,7 +30,8 @@ from featsim.train.losses import multitask_example_losses
 from featsim.train.losses import weighted_example_losses as example_losses
 from featsim.train.strategies import AUX_KEY
 
-__all__ = ["TrainState", "make_eval_step", "make_train_step", "probabilities"]
+__all__ = ["TrainState", "make_eval_step", "make_train_step", "normalize_images",
+           "probabilities"]
 
 
 class TrainState(train_state.TrainState):
@@ -87,7 +88,10 @@ def _example_losses(cfg: StepConfig, logits, features, batch, class_weights):
     return total, {"ce_sum": jnp.sum(ce * mask), "aux_err_sum": jnp.sum(err * mask)}
 
 
-def _normalize(images, cfg: StepConfig):
+def normalize_images(images, cfg: StepConfig):
+    """Raw pixels ``[b, S, S, 3]`` on [0, 255] -> the network's input (``x * scale +
+    offset``, float32): what the eval step feeds the model, and the train step after
+    augmentation."""
     x = images.astype(jnp.float32)
     return x * jnp.asarray(cfg.scale, jnp.float32) + jnp.asarray(cfg.offset, jnp.float32)
 
@@ -129,7 +133,7 @@ def make_train_step(cfg: StepConfig, class_weights):
         images = batch["images"].astype(jnp.float32)
         if cfg.augment is not None and cfg.augment.enabled:
             images = _augment(aug_key, images, cfg)
-        x = _normalize(images, cfg)
+        x = normalize_images(images, cfg)
         mask = batch["mask"]
         count = _global_sum(mask.sum(), cfg.axis_name)
 
@@ -172,7 +176,7 @@ def make_eval_step(cfg: StepConfig, class_weights):
         variables = {"params": state.params}
         if state.batch_stats is not None:
             variables["batch_stats"] = state.batch_stats
-        logits, feats = state.apply_fn(variables, _normalize(batch["images"], cfg),
+        logits, feats = state.apply_fn(variables, normalize_images(batch["images"], cfg),
                                        train=False)
         losses, extra = _example_losses(cfg, logits, feats, batch, class_weights)
         losses = losses * batch["mask"]
