@@ -108,12 +108,13 @@ def _train_command(args) -> int:
         head=args.head, head_hidden=args.head_hidden, aux_weight=args.aux_weight,
         aux_targets=len(args.target_column or ()),
         target_columns=tuple(args.target_column or ()),
-        image_dtype=args.image_dtype)
+        image_dtype=args.image_dtype, recompute_bn_stats=not args.no_recompute_bn)
     seeds = [int(s) for s in args.seeds.split(",")]
     summary = run_seeds(config, seeds, args.out, train=train, test=test, weights=args.weights,
                         resume=args.resume, progress=not args.no_progress,
                         data_dir=args.data_dir)
-    print(f"{config.backbone} {config.strategy}: test metrics over seeds {seeds}")
+    print(f"{config.backbone} {config.strategy}: test metrics over seeds {seeds} (BatchNorm "
+          f"statistics: {summary['runs'][0].get('bn_stats')})")
     for name, (mean, std) in summary["summary"].items():
         spread = f" +- {std:.4f}" if std == std else ""  # nan with a single seed
         print(f"  {name:<24} {mean:.4f}{spread}")
@@ -374,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels.csv column of the auxiliary regression target (repeat for "
                         "several); --train/--test must be folders with a labels.csv")
     t.add_argument("--image-dtype", default="uint8", choices=("uint8", "float32"))
+    t.add_argument("--no-recompute-bn", action="store_true",
+                   help="ablation: evaluate and save the BatchNorm running averages of "
+                        "training instead of population statistics recomputed on the "
+                        "un-augmented training images before every evaluation (the default)")
     t.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     t.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints")
     t.add_argument("--data-dir", default=None, help="tensorflow-datasets folder (tfds:)")

@@ -180,3 +180,21 @@ def _running(workdir):
     """The training state's BatchNorm running averages (``checkpoint.msgpack``)."""
     payload = serialization.msgpack_restore((workdir / "checkpoint.msgpack").read_bytes())
     return traverse_util.flatten_dict(payload["state"]["batch_stats"])
+
+
+@pytest.mark.parametrize("flag, expected", [((), True), (("--no-recompute-bn",), False)])
+def test_train_cli_no_recompute_bn_flag(flag, expected, tmp_path, monkeypatch, capsys):
+    import featsim.train
+    from featsim.cli import main
+
+    seen = {}
+
+    def fake_run_seeds(config, seeds, workdir, **kwargs):
+        seen["config"] = config
+        return {"summary": {}, "runs": [{"bn_stats": "B"}]}
+
+    monkeypatch.setattr(featsim.train, "run_seeds", fake_run_seeds)
+    assert main(["train", "--backbone", "resnet18", "--strategy", "scratch", "--data",
+                 str(tmp_path), "--out", str(tmp_path / "o"), *flag]) == 0
+    assert seen["config"].recompute_bn_stats is expected
+    assert "BatchNorm statistics: B" in capsys.readouterr().out
