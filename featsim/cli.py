@@ -29,7 +29,7 @@ def _metrics_command(args) -> int:
         source, target, metric=args.metric, n_bootstrap=args.bootstrap,
         n_permutations=args.permutations, ci_method=args.ci_method,
         kid_subset_size=args.kid_subset_size,
-        kid_subsets=args.kid_subsets, seed=args.seed)
+        kid_subsets=args.kid_subsets, seed=args.seed, progress=not args.no_progress)
     print(f"source: {args.source}\ntarget: {args.target}")
     print(report.to_table())
     if args.json:
@@ -245,11 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--metric", default="euclidean", choices=METRICS,
                        help="distance d for D (default euclidean; cosine D is always reported)")
         p.add_argument("--bootstrap", type=int, default=200, metavar="N",
-                       help="bootstrap resamples for confidence intervals (default 200; "
-                            "0: none)")
+                       help="bootstrap resamples for confidence intervals of D, the "
+                            "baselines, ratio, energy, cosine D and KID (default 200; 0: no "
+                            "intervals). They reuse one float64 distance matrix; FID's "
+                            "interval is a 20-group jackknife (bias-corrected) instead")
         p.add_argument("--ci-method", default="basic", choices=("basic", "percentile", "BCa"),
-                       help="bootstrap interval kind (default basic: corrects FID's and the "
-                            "energy distance's finite-sample bias; see featsim.report)")
+                       help="bootstrap interval kind (default basic; coverage of each: "
+                            "benchmarks/results/coverage.json)")
         p.add_argument("--permutations", type=int, default=permutations, metavar="N",
                        help=permutations_help or "permutations for the equal-distribution "
                        f"test (default {permutations}; 0: none)")
@@ -320,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--source", required=True, type=Path, help="features of the source set")
     m.add_argument("--target", required=True, type=Path, help="features of the target set")
     m.add_argument("--key", default=None, help="array name inside .npz files")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_stats_options(m)
     m.set_defaults(func=_metrics_command)
 

@@ -141,12 +141,13 @@ def feature_distance(
         metric, n_bootstrap, n_permutations, ci_method, kid_subset_size, kid_subsets, seed:
             as :func:`featsim.report.similarity_report`.
         **extract_kwargs: for :func:`~featsim.features.extract_features` (``batch_size``,
-            ``skip_bad``, ``cache_dir``, ``normalization``, ``progress``, ...).
+            ``skip_bad``, ``cache_dir``, ``normalization``, ``progress``, ...); ``progress``
+            also governs the bars of the interval phase (shown on a TTY only).
     """
     feats = [extract_features(backbone, s, layers=(layer,), **extract_kwargs)
              for s in (source, target)]
     report = similarity_report(
         feats[0][layer], feats[1][layer], metric=metric, n_bootstrap=n_bootstrap,
         n_permutations=n_permutations, ci_method=ci_method, kid_subset_size=kid_subset_size,
-        kid_subsets=kid_subsets, seed=seed)
+        kid_subsets=kid_subsets, seed=seed, progress=extract_kwargs.get("progress", True))
     return DistanceResult(report=report, source=feats[0], target=feats[1], layer=layer)

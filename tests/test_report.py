@@ -28,16 +28,51 @@ def test_fields_equal_library_values(sets):
     assert r.fid == metrics.fid(x, y)
     k = metrics.kid(x, y, subset_size=50, num_subsets=10, seed=3)
     assert (r.kid, r.kid_std) == (k.mean, k.std)
-    b = metrics.bootstrap_ci(lambda a, c: metrics.average_distance(a, c), x, y, n_resamples=20,
-                             seed=3, method="basic")
-    assert (r.ci["distance"].low, r.ci["distance"].high) == (b.low, b.high)
-    assert set(r.ci) == {"distance", "ratio", "energy_distance", "fid"}
+    assert r.energy_distance_unbiased == pytest.approx(
+        2 * s.between - s.within_x - s.within_y, rel=1e-12)
+    est = metrics.resampled_intervals(x, y, n_resamples=20, seed=3, method="basic")
+    assert (r.ci["distance"].low, r.ci["distance"].high) == (est["distance"].low,
+                                                             est["distance"].high)
+    assert set(r.ci) == {"distance", "distance_source", "distance_target", "ratio",
+                         "energy_distance", "energy_coefficient", "distance_cosine", "fid",
+                         "kid"}
+    assert r.ci["fid"].method == "jackknife-t" and r.ci["fid"].centre == est["fid"].centre
+    assert r.fid_infinity == metrics.fid_infinity(x, y, seed=3).value
     assert 0 < r.energy_pvalue <= 1
     d = r.to_dict()
-    assert d["distance_ci"] == [b.low, b.high]
+    assert d["distance_ci"] == [est["distance"].low, est["distance"].high]
+    assert d["ci"]["fid"]["note"] == r.ci["fid"].note
     json.dumps(d)  # JSON-ready
     table = r.to_table()
-    assert "FID" in table and "basic" in table
+    assert "FID" in table and "basic" in table and "FID_infinity" in table
+
+
+def test_every_interval_contains_its_estimate_or_says_why():
+    # Tiny sets (the demo's 3 vs 6 rows gave FID 71.6 [-56.0, 106.1] before): a biased FID
+    # and V-statistic energy fall outside their population intervals, and must say so.
+    rng = np.random.default_rng(1)
+    for n, m, d in ((3, 6, 16), (40, 30, 64), (120, 90, 10)):
+        x, y = rng.normal(size=(n, d)), rng.normal(0.3, 1.1, size=(m, d))
+        with pytest.warns(UserWarning) if min(n, m) <= d else _no_warning():
+            r = similarity_report(x, y, n_bootstrap=50, kid_subset_size=min(n, m),
+                                  kid_subsets=5, seed=0)
+        table = r.to_table()
+        for name, ci in r.ci.items():
+            value = getattr(r, name)
+            assert ci.low >= 0.0, (n, name)  # nonnegative population quantities
+            if not ci.low <= value <= ci.high:
+                assert ci.note, (n, name, value, ci)
+                assert f"{name}: " in table
+        if min(n, m) <= d:
+            assert "not calibrated" in r.ci["fid"].note
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def test_no_bootstrap_means_no_intervals(sets):

@@ -2,7 +2,8 @@
 
 Modules: ``distance`` (Gu & Lee's D, within-domain baselines, energy distance), ``frechet``
 (FID: FeatureStats, Frechet distance), ``mmd`` (KID), ``cka`` (linear, RBF, minibatch and
-layer-by-layer CKA), ``stats`` (bootstrap confidence intervals, permutation tests). The FID and
+layer-by-layer CKA), ``stats`` (bootstrap confidence intervals, permutation tests), ``resample``
+(weighted resampling engine: the report's intervals, FID_infinity). The FID and
 KID modules are not called ``fid``/``kid`` so that the functions of those names can be
 re-exported here without shadowing their modules.
 """
@@ -28,6 +29,11 @@ from featsim.metrics.frechet import frechet_distance as frechet_distance
 from featsim.metrics.mmd import KIDResult as KIDResult
 from featsim.metrics.mmd import kid as kid
 from featsim.metrics.mmd import polynomial_mmd2 as polynomial_mmd2
+from featsim.metrics.resample import FIDInfinity as FIDInfinity
+from featsim.metrics.resample import IntervalEstimate as IntervalEstimate
+from featsim.metrics.resample import TwoSampleResampler as TwoSampleResampler
+from featsim.metrics.resample import fid_infinity as fid_infinity
+from featsim.metrics.resample import resampled_intervals as resampled_intervals
 from featsim.metrics.stats import BootstrapResult as BootstrapResult
 from featsim.metrics.stats import PermutationResult as PermutationResult
 from featsim.metrics.stats import bootstrap_ci as bootstrap_ci
@@ -40,10 +46,13 @@ __all__ = [
     "DistanceSummary",
     "FIDRankWarning",
     "FIDResult",
+    "FIDInfinity",
     "FeatureStats",
+    "IntervalEstimate",
     "KIDResult",
     "MinibatchCKA",
     "PermutationResult",
+    "TwoSampleResampler",
     "average_distance",
     "bootstrap_ci",
     "cka_matrix",
@@ -51,6 +60,7 @@ __all__ = [
     "energy_distance",
     "fid",
     "fid_details",
+    "fid_infinity",
     "frechet_distance",
     "kid",
     "linear_cka",
@@ -58,5 +68,6 @@ __all__ = [
     "permutation_test",
     "polynomial_mmd2",
     "rbf_cka",
+    "resampled_intervals",
     "within_distance",
 ]
