@@ -9,6 +9,12 @@ Claims measured (issue 2):
     compared with featsim's on the same rows.
   * Frechet distance at d = 2048 against the pytorch-fid recipe (``scipy.linalg.sqrtm``).
     Targets: >= 10x faster, relative difference <= 1e-9.
+  * FID numerics (issue 12): ``fid`` on features with a common offset 1e6 x the spread, and at
+    d = 512, n = 3000 with eigenvalues of S1 S2 spanning ~1e14, against an exact float64 QR /
+    nuclear-norm reference computed from the data. Target: relative error <= 1e-8.
+  * KID (100 subsets x 1000 rows, d = 2048, 2 x 10,000 float32 rows) with float32 block Gram
+    products against the same code with float64 products and a clean-fid style float64 loop
+    (``(X X^T / d + 1) ** 3`` per subset), all in this run; largest |MMD^2| difference.
   * D at n = m = 50,000, d = 2048 (float32) in a fresh process: time and peak memory (an
     n x m float32 matrix alone would take 9.3 GiB).
   * Streaming (minibatch) CKA over 50,000 x 2048 features fed in batches: peak resident memory
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -39,7 +46,8 @@ import scipy.linalg
 from scipy.spatial.distance import cdist
 
 import featsim
-from featsim.metrics import average_distance, frechet_distance
+from featsim.metrics import average_distance, fid, frechet_distance, kid
+from featsim.metrics import mmd as mmd_module
 from featsim.metrics.cka import MinibatchCKA
 
 
@@ -151,6 +159,86 @@ def bench_frechet(d, n, repeats):
     }
 
 
+def _qr_fid(x, y):
+    """Exact float64 FID from the data: tr((S1 S2)^(1/2)) = ||R1 R2^T||_* with A_k = Q_k R_k,
+    means from correctly rounded sums (np.mean's rounding would show at offset 1e6)."""
+    mx = np.array([math.fsum(col) for col in x.T]) / len(x)
+    my = np.array([math.fsum(col) for col in y.T]) / len(y)
+    a1 = (x - mx) / np.sqrt(len(x) - 1)
+    a2 = (y - my) / np.sqrt(len(y) - 1)
+    r1, r2 = np.linalg.qr(a1, mode="r"), np.linalg.qr(a2, mode="r")
+    diff = mx - my
+    tr_sqrt = scipy.linalg.svdvals(r1 @ r2.T).sum()
+    return float(diff @ diff + (a1 * a1).sum() + (a2 * a2).sum() - 2 * tr_sqrt)
+
+
+def bench_fid_numerics(offset_n, offset_d, small_ev_n, small_ev_d):
+    rng = np.random.default_rng(4)
+    out = {}
+    mix = np.eye(offset_d) + 0.3 * rng.normal(size=(offset_d, offset_d)) / np.sqrt(offset_d)
+    x = 1e6 + rng.normal(size=(offset_n, offset_d)) @ mix
+    y = 1e6 + 0.1 + 1.1 * rng.normal(size=(offset_n, offset_d)) @ mix
+    ref = _qr_fid(x, y)
+    out["common_offset_1e6"] = {"n": offset_n, "d": offset_d, "value": fid(x, y),
+                                "reference_qr": ref,
+                                "relative_error": abs(fid(x, y) - ref) / ref}
+    scale = np.logspace(0, -3.5, small_ev_d)
+    x = rng.normal(size=(small_ev_n, small_ev_d)) * scale
+    y = rng.normal(size=(small_ev_n, small_ev_d)) * scale * rng.uniform(0.8, 1.2, small_ev_d)
+    y += 0.01
+    ref = _qr_fid(x, y)
+    out["small_eigenvalues"] = {"n": small_ev_n, "d": small_ev_d,
+                                "eigenvalue_range_of_s1_s2": "~1e14", "value": fid(x, y),
+                                "reference_qr": ref,
+                                "relative_error": abs(fid(x, y) - ref) / ref}
+    out["target_relative_error_max"] = 1e-8
+    return out
+
+
+def _cleanfid_style_kid(x, y, m, num_subsets, seed):
+    """The clean-fid / torch-fidelity recipe: a float64 loop over subsets, same subset draws."""
+    ix, iy = mmd_module._subset_indices(len(x), len(y), m, num_subsets, seed)
+    d = x.shape[1]
+    values = np.empty(num_subsets)
+    for k in range(num_subsets):
+        a = x[ix[k]].astype(np.float64)
+        b = y[iy[k]].astype(np.float64)
+        kxx = (a @ a.T / d + 1) ** 3
+        kyy = (b @ b.T / d + 1) ** 3
+        kxy = (a @ b.T / d + 1) ** 3
+        values[k] = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+                     + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+    return values
+
+
+def bench_kid(n, d, subset_size, num_subsets):
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.normal(0.4, 0.5, size=(n, d))).astype(np.float32)
+    y = np.abs(rng.normal(0.45, 0.55, size=(n, d))).astype(np.float32)
+    opts = dict(subset_size=subset_size, num_subsets=num_subsets, seed=0)
+    t_f32, res = _best_time(lambda: kid(x, y, **opts), 1)
+    limit = mmd_module._MAX_GRAM_REL_ERROR
+    mmd_module._MAX_GRAM_REL_ERROR = 0.0  # no error budget: float64 products
+    try:
+        t_f64, res64 = _best_time(lambda: kid(x, y, **opts), 1)
+    finally:
+        mmd_module._MAX_GRAM_REL_ERROR = limit
+    t_loop, loop = _best_time(lambda: _cleanfid_style_kid(x, y, subset_size, num_subsets, 0), 1)
+    return {
+        "n_x": n, "n_y": n, "d": d, "subset_size": subset_size, "num_subsets": num_subsets,
+        "strategy": mmd_module._host_strategy(n, n, subset_size, num_subsets, d),
+        "featsim_float32_blocks_seconds": t_f32,
+        "featsim_float64_products_seconds": t_f64,
+        "cleanfid_style_float64_loop_seconds": t_loop,
+        "speedup_vs_float64_products": t_f64 / t_f32,
+        "speedup_vs_cleanfid_style_loop": t_loop / t_f32,
+        "kid": res.mean, "kid_std": res.std,
+        "max_abs_mmd2_difference_vs_float64_loop": float(np.abs(res.mmd2 - loop).max()),
+        "max_abs_mmd2_difference_float64_products_vs_loop": float(np.abs(res64.mmd2 - loop).max()),
+        "gram_block": mmd_module._GRAM_BLOCK,
+    }
+
+
 def _cka_worker(n, d, batch, queue):
     rng = np.random.default_rng(2)
     w = rng.normal(size=(d, d)).astype(np.float32) / np.sqrt(d)
@@ -225,18 +313,28 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--skip-scale", action="store_true",
                         help="skip D at n = m = 50,000 (a few minutes on 2 cores)")
+    sections = ("distance", "frechet", "fid_numerics", "kid", "scale", "cka")
+    parser.add_argument("--only", nargs="+", choices=sections,
+                        help="run these sections only and update them in an existing --out")
     args = parser.parse_args(argv)
+    run = set(args.only or sections)
+    if args.skip_scale:
+        run.discard("scale")
 
     if args.quick:
         dist_cfg = dict(n=1000, d=128, repeats=1, cdist_chunk=250, cdist_chunks_timed=1)
         fr_cfg = dict(d=64, n=500, repeats=1)
         cka_cfg = dict(n=2000, d=64, batch=256)
         scale_cfg = dict(n=3000, d=64)
+        fidnum_cfg = dict(offset_n=300, offset_d=16, small_ev_n=600, small_ev_d=64)
+        kid_cfg = dict(n=400, d=128, subset_size=100, num_subsets=5)
     else:
         dist_cfg = dict(n=10_000, d=2048, repeats=3, cdist_chunk=250, cdist_chunks_timed=2)
         fr_cfg = dict(d=2048, n=8192, repeats=3)
         cka_cfg = dict(n=50_000, d=2048, batch=256)
         scale_cfg = dict(n=50_000, d=2048)
+        fidnum_cfg = dict(offset_n=4000, offset_d=64, small_ev_n=3000, small_ev_d=512)
+        kid_cfg = dict(n=10_000, d=2048, subset_size=1000, num_subsets=100)
 
     results = {
         "featsim_version": featsim.__version__,
@@ -249,21 +347,29 @@ def main(argv=None):
         "devices": [str(dv) for dv in jax.devices()],
         "quick": args.quick,
     }
-    print("average_distance ...", flush=True)
-    results["average_distance"] = bench_distance(**dist_cfg)
-    print(json.dumps(results["average_distance"], indent=1), flush=True)
-    print("frechet_distance ...", flush=True)
-    results["frechet_distance"] = bench_frechet(**fr_cfg)
-    print(json.dumps(results["frechet_distance"], indent=1), flush=True)
-    if not args.skip_scale:
-        print("average_distance at full scale ...", flush=True)
-        results["average_distance_scale"] = bench_distance_scale(**scale_cfg)
-        print(json.dumps(results["average_distance_scale"], indent=1), flush=True)
-    print("minibatch CKA ...", flush=True)
-    results["minibatch_cka"] = bench_minibatch_cka(**cka_cfg)
-    print(json.dumps(results["minibatch_cka"], indent=1), flush=True)
-
     out = Path(args.out)
+    if args.only and out.exists():
+        previous = json.loads(out.read_text())
+        if previous.get("quick") != args.quick:
+            parser.error(f"--only would mix quick={args.quick} rows into {out} "
+                         f"(quick={previous.get('quick')}); use another --out")
+        results = {**previous, **results}
+    benches = {
+        "distance": ("average_distance", lambda: bench_distance(**dist_cfg)),
+        "frechet": ("frechet_distance", lambda: bench_frechet(**fr_cfg)),
+        "fid_numerics": ("fid_numerics", lambda: bench_fid_numerics(**fidnum_cfg)),
+        "kid": ("kid", lambda: bench_kid(**kid_cfg)),
+        "scale": ("average_distance_scale", lambda: bench_distance_scale(**scale_cfg)),
+        "cka": ("minibatch_cka", lambda: bench_minibatch_cka(**cka_cfg)),
+    }
+    for section in sections:
+        if section not in run:
+            continue
+        key, bench = benches[section]
+        print(f"{key} ...", flush=True)
+        results[key] = bench()
+        print(json.dumps(results[key], indent=1), flush=True)
+
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
