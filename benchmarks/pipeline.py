@@ -12,7 +12,12 @@ Reported, all in this process and run after one warm-up compile:
 * ``extract_cold``: ``extract_features`` without cache; ``distance_cold``: the full
   ``feature_distance`` job (source = imagenette_val_500, target = Kermany test) with an
   empty cache; ``distance_cached``: the same job again (cache hits);
-* ratios: pipeline images/s over bare forward images/s; cold over cached wall time.
+* ratios: pipeline images/s over bare forward images/s; cold over cached wall time;
+* ``default_*`` (issue 12): the same job with the CLI's default intervals
+  (``n_bootstrap=200``: weighted bootstrap on one float64 distance matrix, FID 20-group
+  jackknife, FID_infinity) against ``n_bootstrap=0``, cold (fresh cache) and cached; target
+  ``default_over_no_bootstrap_cold <= 3``. ``interval_phase_s`` times the interval phase
+  alone (``similarity_report`` with and without intervals on the extracted features).
 
 Usage:
   python benchmarks/pipeline.py [--data ../shared/data] [--batch 32] [--out OUT.json]
@@ -107,6 +112,35 @@ def main(argv=None) -> dict:
                                cache_dir=cache, progress=False)
         timings[name] = time.perf_counter() - t0
     n_images = len(job.source) + len(job.target)
+    for name, cache_dir in (("default_cold", tmp / "cache_default"),
+                            ("default_cached", tmp / "cache_default")):
+        t0 = time.perf_counter()
+        default_job = feature_distance(backbone, source, target, batch_size=args.batch,
+                                       cache_dir=cache_dir, progress=False, n_bootstrap=200)
+        timings[name] = time.perf_counter() - t0
+    from featsim.report import similarity_report
+
+    a, b = job.source[job.layer], job.target[job.layer]
+    t0 = time.perf_counter()
+    similarity_report(a, b, progress=False)
+    t_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    similarity_report(a, b, n_bootstrap=200, progress=False)
+    result.update(
+        dim=int(a.shape[1]),
+        report_no_intervals_s=t_plain,
+        report_default_intervals_s=time.perf_counter() - t0,
+        default_cold_s=timings["default_cold"],
+        default_cached_s=timings["default_cached"],
+        default_over_no_bootstrap_cold=timings["default_cold"] / timings["distance_cold"],
+        default_over_no_bootstrap_cached=timings["default_cached"]
+        / timings["distance_cached"],
+        default_fid=default_job.report.fid,
+        default_fid_infinity=default_job.report.fid_infinity,
+        default_fid_ci=[default_job.report.ci["fid"].low, default_job.report.ci["fid"].high],
+    )
+    result["interval_phase_s"] = (result["report_default_intervals_s"]
+                                  - result["report_no_intervals_s"])
     result.update(
         n_images_distance=n_images,
         distance_cold_s=timings["distance_cold"],

@@ -454,6 +454,13 @@ def resampled_intervals(
     rs = resampler if resampler is not None else TwoSampleResampler(x, y, metric=metric)
     rng = np.random.default_rng(seed)
     fid_seed = int(rng.integers(2**63))
+    out = _pairwise_intervals(rs, rng, n_resamples, confidence, (method,), progress)[method]
+    out["fid"] = _fid_interval(rs, confidence, fid_groups, fid_seed, progress)
+    return out
+
+
+def _pairwise_intervals(rs, rng, n_resamples, confidence, methods, progress):
+    """method -> name -> IntervalEstimate for PAIRWISE_STATISTICS, one set of resamples."""
     full = rs.pairwise(np.ones(rs.n), np.ones(rs.m))
     chunks = []
     bar = _progress(n_resamples, "bootstrap", progress)
@@ -462,30 +469,33 @@ def resampled_intervals(
         chunks.append(rs.pairwise(_bootstrap_counts(rng, rs.n, r), _bootstrap_counts(rng, rs.m, r)))
         bar.update(r)
     bar.close()
-    jack = rs.pairwise_jackknife() if method == "BCa" else {}
-    out = {}
+    jack = rs.pairwise_jackknife() if "BCa" in methods else {}
+    out = {method: {} for method in methods}
     for name in PAIRWISE_STATISTICS:
         dist = np.concatenate([c[name] for c in chunks])
         ok = np.isfinite(dist)
         centre = float(full[name][0])
-        if ok.sum() < 2 or not math.isfinite(centre):
-            low = high = std = math.nan
-        else:
-            low, high = _interval_from(centre, dist[ok], jack.get(name, ()), confidence, method)
-            std = float(np.std(dist[ok], ddof=1))
-        low, high, clamped = _clamp(name, float(low), float(high)) if math.isfinite(low) \
-            else (low, high, False)
-        out[name] = IntervalEstimate(centre, low, high, std, method, int(n_resamples),
-                                     clamped, int((~ok).sum()))
+        for method in methods:
+            if ok.sum() < 2 or not math.isfinite(centre):
+                low = high = std = math.nan
+            else:
+                low, high = _interval_from(centre, dist[ok], jack.get(name, ()), confidence,
+                                           method)
+                std = float(np.std(dist[ok], ddof=1))
+            low, high, clamped = _clamp(name, float(low), float(high)) \
+                if math.isfinite(low) else (low, high, False)
+            out[method][name] = IntervalEstimate(centre, low, high, std, method,
+                                                 int(n_resamples), clamped, int((~ok).sum()))
+    return out
+
+
+def _fid_interval(rs, confidence, groups, seed, progress):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        fid_j, se, dof, evals = rs.fid_jackknife(groups=fid_groups, seed=fid_seed,
-                                                 progress=progress)
+        fid_j, se, dof, evals = rs.fid_jackknife(groups=groups, seed=seed, progress=progress)
     t = scipy.stats.t.ppf(0.5 + confidence / 2.0, max(dof, 1))
     low, high, clamped = _clamp("fid", fid_j - t * se, fid_j + t * se)
-    out["fid"] = IntervalEstimate(float(fid_j), low, high, float(se), "jackknife-t", evals,
-                                  clamped)
-    return out
+    return IntervalEstimate(float(fid_j), low, high, float(se), "jackknife-t", evals, clamped)
 
 
 def fid_infinity(
