@@ -216,6 +216,7 @@ def bench_kid(n, d, subset_size, num_subsets):
     x = np.abs(rng.normal(0.4, 0.5, size=(n, d))).astype(np.float32)
     y = np.abs(rng.normal(0.45, 0.55, size=(n, d))).astype(np.float32)
     opts = dict(subset_size=subset_size, num_subsets=num_subsets, seed=0)
+    load_before = os.getloadavg()[0]
     t_f32, res = _best_time(lambda: kid(x, y, **opts), 1)
     limit = mmd_module._MAX_GRAM_REL_ERROR
     mmd_module._MAX_GRAM_REL_ERROR = 0.0  # no error budget: float64 products
@@ -236,6 +237,8 @@ def bench_kid(n, d, subset_size, num_subsets):
         "max_abs_mmd2_difference_vs_float64_loop": float(np.abs(res.mmd2 - loop).max()),
         "max_abs_mmd2_difference_float64_products_vs_loop": float(np.abs(res64.mmd2 - loop).max()),
         "gram_block": mmd_module._GRAM_BLOCK,
+        # Timings on a shared machine: the 1-minute load average before and after the runs.
+        "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
     }
 
 
