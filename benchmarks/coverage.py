@@ -78,7 +78,6 @@ def population_values(population: str, mc: int, seed: int = 12345, chunk: int = 
     d = DIM
     sums = {k: [] for k in ("dxy", "dxx", "dyy", "kxy", "kxx", "kyy")}
     ux_sum, uy_sum = np.zeros(d), np.zeros(d)
-    ux_sq, uy_sq = 0.0, 0.0
     done = 0
     while done < mc:
         r = min(chunk, mc - done)
@@ -184,7 +183,7 @@ def main(argv=None) -> dict:
     for population in args.populations.split(","):
         truth = population_values(population, args.mc)
         entry = {"population_values": truth, "mc_pairs": args.mc, "by_n": {}}
-        for n, t in zip(sizes, trials):
+        for n, t in zip(sizes, trials, strict=True):
             t1 = time.perf_counter()
             entry["by_n"][str(n)] = {"trials": t, **run(population, n, t, args.resamples,
                                                          truth, args.seed)}

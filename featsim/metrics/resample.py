@@ -64,10 +64,10 @@ import scipy.stats
 from featsim.metrics._validation import as_features, check_same_dim
 
 __all__ = [
-    "FIDInfinity",
     "INTERVAL_METHODS",
-    "IntervalEstimate",
     "PAIRWISE_STATISTICS",
+    "FIDInfinity",
+    "IntervalEstimate",
     "TwoSampleResampler",
     "fid_infinity",
     "resampled_intervals",
@@ -312,7 +312,7 @@ class TwoSampleResampler:
             parts.append((size, g, labels))
             dof = g - 1 if dof is None else min(dof, g - 1)
         bar = _progress(sum(p[1] for p in parts), "FID jackknife", progress)
-        for side, (size, g, labels) in enumerate(parts):
+        for side, (_size, g, labels) in enumerate(parts):
             values = np.empty(g)
             for k in range(g):
                 keep = (labels != k).astype(np.float64)
