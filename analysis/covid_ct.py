@@ -57,11 +57,19 @@ Quick (CI: 16 images, 1 epoch, seed 0, batch 8)::
 
     python analysis/covid_ct.py --quick
 
+BatchNorm: the cells that train BatchNorm (``pretrained_full``, ``random_full``,
+``small_cnn``) are tested, like every ``featsim.train`` run, with population statistics
+recomputed on their un-augmented training images from the final weights
+(``TrainConfig.recompute_bn_stats``; the frozen cells keep the body's statistics); each run
+records which (``bn_stats`` in ``runs.csv``, and a note per cell). Results committed before
+this (issue 12) tested the running averages; ``--resume`` does not reuse such runs.
+
 Options: ``--data`` (a folder of class folders), ``--backbone NAME [--weights FILE]`` (the
 transfer backbone, default efficientnet_lite0), ``--small-cnn NAME`` (default elazhari_cnn;
 ``none`` to leave it out), ``--cells``, ``--head`` (``flatten_mlp``, the paper's, default; or
 ``linear``), ``--seeds``, ``--epochs``, ``--batch-size``, ``--lr``, ``--body-lr-scale``,
-``--test-fraction``, ``--val-fraction``, ``--no-stop-when``, ``--no-augment``, ``--runs DIR``
+``--test-fraction``, ``--val-fraction``, ``--no-stop-when``, ``--no-augment``,
+``--no-recompute-bn`` (ablation: test the BatchNorm running averages), ``--runs DIR``
 (default ``analysis/runs/covid_ct/``), ``--resume``, ``--out DIR``.
 
 Writes to ``analysis/results/covid_ct/``: ``results.json`` (provenance, plan, per-run and
@@ -251,7 +259,8 @@ def test_metrics(labels: np.ndarray, p: np.ndarray, seed: int, n_boot: int) -> d
                fp=int(np.sum((pred == 1) & (labels == 0))),
                fn=int(np.sum((pred == 0) & (labels == 1))),
                tn=int(np.sum((pred == 0) & (labels == 0))),
-               score_std=float(np.std(p)), predicted_positive=int(pred.sum()))
+               score_std=float(np.std(p)), predicted_positive=int(pred.sum()),
+               saturated=float(np.mean((p == 0.0) | (p == 1.0))))
     if 0 < labels.sum() < len(labels):
         ci = auc_ci(labels, p, n_boot=n_boot, seed=seed)
         out.update(roc_auc=ci.estimate, auc_ci_low=ci.low, auc_ci_high=ci.high)
@@ -280,16 +289,20 @@ def train_cell(cell: Cell, seeds, epochs: int, args, source, splits, runs_dir: P
             body_lr_scale=args.body_lr_scale, normalization="backbone", augment=augment,
             val_fraction=args.val_fraction,
             stop_when=PAPER_STOP if args.val_fraction and not args.no_stop_when else None,
-            seed=seed)
+            recompute_bn_stats=not args.no_recompute_bn, seed=seed)
         workdir = runs_dir / cell.backbone / cell.name / f"seed_{seed}"
         record = {"cell": cell.name, "weights": cell.weights, "seed": seed, "quick": args.quick,
                   "data": digest, "test_ids": [it.id for it in test.items]}
         done = None
         if args.resume and (workdir / "metrics.json").is_file():
             try:
-                saved = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+                raw = json.loads((workdir / "config.json").read_text())
+                saved = TrainConfig.from_dict(raw)
                 test_ids = json.loads((workdir / common.RUN_RECORD).read_text())["test_ids"]
-                same = saved == config and test_ids == record["test_ids"]
+                # every field written out: a run saved before a field existed (e.g.
+                # recompute_bn_stats, whose default changed what is tested) is not reused
+                same = (saved == config and set(raw) == set(config.to_dict())
+                        and test_ids == record["test_ids"])
             except (OSError, KeyError, TypeError, ValueError):
                 same = False
             if same:
@@ -319,6 +332,7 @@ def train_cell(cell: Cell, seeds, epochs: int, args, source, splits, runs_dir: P
             print(f"[{NAME}] note: {workdir}: accuracy {metrics['accuracy']:.4f} from the saved "
                   f"model vs train_and_evaluate's {lib_acc:.4f}", file=sys.stderr, flush=True)
         metrics.update(loss=float(done["test_loss"]), epochs_run=int(done["epochs_run"]),
+                       bn_stats=done.get("bn_stats", "running averages of training"),
                        library_test_accuracy=lib_acc, training_path=done.get("path", "end_to_end"))
         results.append({"seed": seed, "workdir": str(workdir), "n_train": int(done["n_train"]),
                         "n_val": int(done["n_val"]), "n_test": len(test),
@@ -492,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stop-when", action="store_true",
                    help="with --val-fraction: no early stopping, validation metrics only")
     p.add_argument("--no-augment", action="store_true", help="no augmentation")
+    p.add_argument("--no-recompute-bn", action="store_true",
+                   help="ablation: test the BatchNorm running averages of training instead of "
+                        "population statistics recomputed on the un-augmented training images "
+                        "(featsim.train's default)")
     p.add_argument("--bootstrap", type=int, default=1000, help="AUC bootstrap resamples")
     p.add_argument("--runs", type=Path, default=None,
                    help="training runs folder (default analysis/runs/covid_ct/)")
@@ -613,7 +631,15 @@ def main(argv=None) -> int:
     ]
     for c in results_cells:
         one_class = [r["seed"] for r in c["runs"] if r["predicted_positive"] in (0, r["n_test"])]
-        constant = [r["seed"] for r in c["runs"] if r["score_std"] < 1e-6]
+        constant = [r["seed"] for r in c["runs"] if r["score_std"] < 1e-6
+                    and r.get("saturated", 0.0) < 1.0]
+        saturated = [r["seed"] for r in c["runs"] if r.get("saturated", 0.0) == 1.0]
+        if saturated:
+            notes.append(f"{c['name']}: every test score is exactly 0 or 1 for seed(s) "
+                         f"{', '.join(map(str, saturated))}: the sigmoid saturates in float32 "
+                         "(logits of tens: a diverged or badly scaled run), so the scores "
+                         "cannot rank the test images (AUC 0.5 from ties), though the logits "
+                         "may still depend on the image")
         if constant:
             size = np.mean([r["pre_logits_mean_abs"] for r in c["runs"]])
             notes.append(f"{c['name']}: the test scores are constant (std < 1e-6) for seed(s) "
@@ -630,6 +656,10 @@ def main(argv=None) -> int:
                          f"{', '.join(map(str, one_class))} (accuracy = the class share, 0.5; "
                          "precision/recall 0 or 1 by which class); ROC AUC shows whether the "
                          "scores still rank COVID above non-COVID")
+    for c in results_cells:
+        kinds = sorted({r["bn_stats"] for r in c["runs"]})
+        notes.append(f"{c['name']}: BatchNorm statistics of the tested model: "
+                     + "; ".join(kinds))
     if args.note:
         notes.append(args.note)
     if "small_cnn" in cells and not small_cnn:
@@ -651,6 +681,7 @@ def main(argv=None) -> int:
                    "stop_when": PAPER_STOP if args.val_fraction and not args.no_stop_when
                    else None, "augment": not args.no_augment, "head": args.head,
                    "cells": cells, "bootstrap": args.bootstrap, "runs_dir": str(runs_dir),
+                   "recompute_bn_stats": not args.no_recompute_bn,
                    "normalization": "backbone"},
         "splits": {str(s): {"test_ids": [ids[i] for i in te],
                             "test_shares_figure_with_train": shared[s]}

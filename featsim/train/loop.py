@@ -143,9 +143,10 @@ def bn_stats_mode(config: TrainConfig, batch_stats, frozen_stats=frozenset()) ->
     return "recomputed" if config.recompute_bn_stats else "running"
 
 
-def _bn_description(mode: str, n_images: int) -> str:
+def _bn_description(mode: str, n_images: int, n_train: int | None = None) -> str:
+    subset = f" of {n_train}" if n_train is not None and n_train != n_images else ""
     return {
-        "recomputed": f"recomputed on {n_images} training images (un-augmented)",
+        "recomputed": f"recomputed on {n_images}{subset} training images (un-augmented)",
         "running": "running averages of training (recompute_bn_stats=False)",
         "frozen": "not applicable: BatchNorm statistics frozen (never trained)",
         "none": "not applicable: no BatchNorm",
@@ -183,6 +184,13 @@ def population_batch_stats(module, step_config: StepConfig, variables: dict, ima
     return traverse_util.unflatten_dict({
         k: (np.asarray(flat_old[k]) if k in step_config.frozen_stats else v)
         for k, v in flat_new.items()})
+
+
+def _bn_subset(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted rows of a fixed (seeded) subset of ``min(limit, n)`` of ``n`` training rows."""
+    if limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
 _APPLY_CACHE: dict = {}
@@ -315,11 +323,8 @@ def train_and_evaluate(
                                                       weights=weights)
     bn_mode = bn_stats_mode(config, state.batch_stats, step_config.frozen_stats)
     bn_images = train.images
-    if (bn_mode == "recomputed" and config.bn_stats_images is not None
-            and config.bn_stats_images < len(train)):
-        pick = np.random.default_rng(config.seed).choice(len(train), config.bn_stats_images,
-                                                         replace=False)
-        bn_images = train.images[np.sort(pick)]
+    if bn_mode == "recomputed" and config.bn_stats_images is not None:
+        bn_images = train.images[_bn_subset(len(train), config.bn_stats_images, config.seed)]
     n_bn = len(bn_images) if bn_mode == "recomputed" else 0
     bn_key = jax.random.fold_in(rng, 1)  # independent of init/data/step keys
 
@@ -388,7 +393,7 @@ def train_and_evaluate(
             if best["val_loss"] is None or row["val_loss"] < best["val_loss"]:
                 best = {"epoch": epoch + 1, "val_loss": row["val_loss"]}
                 _save_model(workdir / "best_model.msgpack", eval_state, config, head,
-                            bn_stats=_bn_description(bn_mode, n_bn))
+                            bn_stats=_bn_description(bn_mode, n_bn, len(train)))
             elif (config.early_stopping_patience is not None
                   and epoch + 1 - best["epoch"] >= config.early_stopping_patience):
                 stop = (f"early_stopping_patience={config.early_stopping_patience}: no "
@@ -414,13 +419,13 @@ def train_and_evaluate(
         final, _ = for_evaluation(state, chosen_epoch - 1)
     test_metrics = evaluate(p_eval, final, test, batch_size)
     _save_model(workdir / "model.msgpack", final, config, head,
-                bn_stats=_bn_description(bn_mode, n_bn))
+                bn_stats=_bn_description(bn_mode, n_bn, len(train)))
     result = {f"test_{k}": v for k, v in test_metrics.items()}
     result.update(epoch=chosen_epoch, epochs_run=len(history), n_train=len(train),
                   n_val=0 if val is None else len(val), n_test=len(test),
                   seconds=time.perf_counter() - started, devices=ndev,
                   stop_reason=history[-1].get("stop_reason"),
-                  bn_stats=_bn_description(bn_mode, n_bn), bn_stats_images=n_bn,
+                  bn_stats=_bn_description(bn_mode, n_bn, len(train)), bn_stats_images=n_bn,
                   config=config.to_dict(), featsim_version=featsim.__version__)
     _save_json(workdir / "metrics.json", result)
     return result

@@ -97,6 +97,19 @@ def test_bn_stats_mode_by_strategy():
         TrainConfig("resnet18", bn_stats_images=1)
 
 
+def test_bn_stats_images_limit_is_a_fixed_seeded_subset():
+    from featsim.train.loop import _bn_description, _bn_subset
+
+    np.testing.assert_array_equal(_bn_subset(10, 10, 0), np.arange(10))
+    np.testing.assert_array_equal(_bn_subset(10, 50, 0), np.arange(10))
+    pick = _bn_subset(100, 30, 3)
+    assert len(pick) == len(set(pick)) == 30 and np.all(np.diff(pick) > 0)
+    np.testing.assert_array_equal(pick, _bn_subset(100, 30, 3))  # same every epoch / resume
+    assert not np.array_equal(pick, _bn_subset(100, 30, 4))
+    assert (_bn_description("recomputed", 30, 100)
+            == "recomputed on 30 of 100 training images (un-augmented)")
+
+
 def _separable(n, seed):
     """Two classes that differ in brightness (as test_loop.py's tiny_dataset), 200 px: the
     smallest input elazhari_cnn's valid convolutions take is 190 px."""
