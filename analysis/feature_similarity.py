@@ -3,8 +3,9 @@
 Gu & Lee (2024, Bioengineering 11(4):406) argue with the average feature distance
 D(F_C, F_M) between natural (C) and medical (M) images, and state as their Proposition 5 that
 fine-tuning on medical images lowers it. This script measures, for every backbone with real
-ImageNet weights here (and any the user supplies), between ImageNet validation images
-(``imagenette_val_500``) and chest X-rays (the Kermany test split):
+ImageNet weights here (and any the user supplies), between Imagenette validation images
+(``imagenette_val_500``: ImageNet validation images of 10 classes only) and chest X-rays (the
+Kermany test split):
 
 * with the pretrained backbone: D (euclidean) with its within-domain baselines and their
   ratio, cosine D (and its within-domain baselines), the energy distance with its permutation
@@ -511,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default=str(common.IMAGENETTE),
                    help="natural images (default imagenette_val_500)")
-    p.add_argument("--source-name", default="ImageNet val", help="its name in tables")
+    p.add_argument("--source-name", default="Imagenette val",
+                   help="its name in tables (Imagenette: ImageNet validation images of 10 classes)")
     p.add_argument("--target", default=f"{common.KERMANY}:test",
                    help="medical images of the training runs' domain (default Kermany test)")
     p.add_argument("--target-name", default="chest X-ray", help="its name in tables")
