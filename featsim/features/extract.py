@@ -131,6 +131,14 @@ def _variables_sha256(variables) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_forward(module, layers: tuple[str, ...], pooling: str):
+    """One compiled forward pass per (module, layers, pooling), shared by calls: extracting
+    the target after the source, or a second run in one process, does not recompile.
+    Flax modules hash by their fields, so equal configurations share the entry."""
+    return parallel.data_parallel(_forward(module, layers, pooling))
+
+
 def _forward(module, layers: tuple[str, ...], pooling: str):
     def apply(variables, x):
         logits, feats = module.apply(variables, x, train=False)
@@ -257,7 +265,7 @@ def extract_features(
         decoded = _prefetch(pool, items, todo, transform, read_errors, lookahead=2 * batch_size)
         variables = jax.device_put(
             backbone.variables, NamedSharding(parallel.local_mesh(), PartitionSpec()))
-        forward = parallel.data_parallel(_forward(backbone.module, layers, pooling))
+        forward = _compiled_forward(backbone.module, layers, pooling)
         bar = tqdm(total=len(items), desc=f"{backbone.name} {source.spec}", unit="img",
                    disable=not progress)
         for c, s in enumerate(starts):
