@@ -23,13 +23,10 @@ def _metrics_command(args) -> int:
     from featsim.features import load_features
     from featsim.report import similarity_report
 
+    stats = _stat_options(args)
     source = load_features(args.source, key=args.key)
     target = load_features(args.target, key=args.key)
-    report = similarity_report(
-        source, target, metric=args.metric, n_bootstrap=args.bootstrap,
-        n_permutations=args.permutations, ci_method=args.ci_method,
-        kid_subset_size=args.kid_subset_size,
-        kid_subsets=args.kid_subsets, seed=args.seed, progress=not args.no_progress)
+    report = similarity_report(source, target, stats=stats, progress=not args.no_progress)
     print(f"source: {args.source}\ntarget: {args.target}")
     print(report.to_table())
     if args.json:
@@ -37,6 +34,16 @@ def _metrics_command(args) -> int:
         out.update(source=str(args.source), target=str(args.target))
         _write_json(args.json, out)
     return 0
+
+
+def _stat_options(args):
+    """The statistics options, validated before any work (messages name the flags)."""
+    from featsim.metrics.options import StatOptions
+
+    return StatOptions(metric=args.metric, n_bootstrap=args.bootstrap,
+                       n_permutations=args.permutations, ci_method=args.ci_method,
+                       kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
+                       seed=args.seed)
 
 
 def _extract_kwargs(args) -> dict:
@@ -53,6 +60,7 @@ def _distance_command(args) -> int:
         pretrained_backbone,
     )
 
+    stats = _stat_options(args)
     if (args.source is None) != (args.target is None):
         raise ValueError("give both --source and --target, or neither (embedded samples)")
     if args.source is None:
@@ -60,11 +68,8 @@ def _distance_command(args) -> int:
         print(f"no --source/--target: comparing the sample images shipped inside installed "
               f"wheels ({DEFAULT_SOURCE} vs {DEFAULT_TARGET}); a demonstration, not a study")
     backbone = pretrained_backbone(args.backbone, args.weights)
-    result = feature_distance(
-        backbone, args.source, args.target, layer=args.layer, metric=args.metric,
-        n_bootstrap=args.bootstrap, n_permutations=args.permutations,
-        ci_method=args.ci_method, kid_subset_size=args.kid_subset_size,
-        kid_subsets=args.kid_subsets, seed=args.seed, **_extract_kwargs(args))
+    result = feature_distance(backbone, args.source, args.target, layer=args.layer,
+                              stats=stats, **_extract_kwargs(args))
     print(result.to_table())
     for skipped in result.source.skipped + result.target.skipped:
         print(f"skipped {skipped.name}: {skipped.reason}", file=sys.stderr)
@@ -180,10 +185,14 @@ def _convert_weights_command(args) -> int:
 
 def _compare_command(args) -> int:
     from featsim.adapt import adapt_batch_stats
-    from featsim.compare import load_finetuned, plot_cka
     from featsim.compare_seeds import compare_runs, find_finetuned, training_source
+    from featsim.comparison import load_finetuned
+    from featsim.comparison.change import check_paired_options
     from featsim.pipeline import pretrained_backbone
+    from featsim.plots import plot_cka
 
+    stats = _stat_options(args)
+    check_paired_options(stats)
     runs = find_finetuned(args.finetuned)
     finetuned = [load_finetuned(r, backbone=args.backbone) for r in runs]  # cheap checks first
     adapt_source = args.adapt_bn
@@ -207,9 +216,7 @@ def _compare_command(args) -> int:
               + ("" if args.adapt_bn else " (named by the run's records)"))
     results = compare_runs(
         pretrained, finetuned, args.source, args.target, control=control, layer=args.layer,
-        metric=args.metric, n_bootstrap=args.bootstrap, n_permutations=args.permutations,
-        ci_method=args.ci_method, kid_subset_size=args.kid_subset_size,
-        kid_subsets=args.kid_subsets, seed=args.seed, **_extract_kwargs(args))
+        stats=stats, **_extract_kwargs(args))
     first = results.results[0]
     if len(results.results) == 1:
         print(first.to_table())

@@ -17,6 +17,7 @@ import scipy
 
 import featsim
 from featsim import metrics
+from featsim.metrics.options import DEFAULT_STATS, StatOptions
 
 __all__ = ["Interval", "SimilarityReport", "similarity_report"]
 
@@ -204,14 +205,7 @@ def similarity_report(
     source,
     target,
     *,
-    metric: str = "euclidean",
-    n_bootstrap: int = 0,
-    n_permutations: int = 0,
-    confidence: float = 0.95,
-    ci_method: str = "basic",
-    kid_subset_size: int = 1000,
-    kid_subsets: int = 100,
-    seed: int = 0,
+    stats: StatOptions = DEFAULT_STATS,
     progress: bool | None = None,
 ) -> SimilarityReport:
     """Computes every featsim metric between two feature sets.
@@ -219,23 +213,26 @@ def similarity_report(
     Args:
       source: float array ``[n, d]`` (e.g. ImageNet-image features).
       target: float array ``[m, d]`` (e.g. chest X-ray features).
-      metric: pairwise metric of D and the energy distance (see ``average_distance``).
-      n_bootstrap: resamples for the intervals of D, both baselines, ratio, energy distance
-        and coefficient, cosine D and KID (0: no intervals at all). They reuse one set of
-        float64 distance/kernel matrices (``featsim.metrics.TwoSampleResampler``), so 200
-        resamples cost about as much as the metrics themselves. FID's interval is a
-        20-group jackknife (40 FID evaluations from Gram pieces) whatever ``n_bootstrap``.
-      n_permutations: permutations for the energy-distance test of equal distributions
-        (0: none).
-      confidence: level of the intervals.
-      ci_method: ``"basic"`` (default), ``"percentile"`` or ``"BCa"`` for the bootstrap
-        intervals (see ``featsim.metrics.resampled_intervals``; the coverage each reaches is
-        in benchmarks/results/coverage.json). Every interval is for the population value;
-        one that excludes the printed estimate (the biased V-statistic energy distance,
-        plain FID) says why in its ``note``; nonnegative quantities are clamped at 0.
-      kid_subset_size, kid_subsets: KID subsets (the size is clamped to the smaller set, with a
-        warning).
-      seed: seed of the KID subsets, bootstrap and permutations.
+      stats: the statistics options (:class:`~featsim.metrics.StatOptions`; default: no
+        intervals, no test):
+
+        * ``metric``: pairwise metric of D and the energy distance (see ``average_distance``).
+        * ``n_bootstrap``: resamples for the intervals of D, both baselines, ratio, energy
+          distance and coefficient, cosine D and KID (0: no intervals at all). They reuse one
+          set of float64 distance/kernel matrices (``featsim.metrics.TwoSampleResampler``), so
+          200 resamples cost about as much as the metrics themselves. FID's interval is a
+          20-group jackknife (40 FID evaluations from Gram pieces) whatever ``n_bootstrap``.
+        * ``n_permutations``: permutations for the energy-distance test of equal
+          distributions (0: none).
+        * ``confidence``: level of the intervals.
+        * ``ci_method``: ``"basic"`` (default), ``"percentile"`` or ``"BCa"`` for the bootstrap
+          intervals (see ``featsim.metrics.resampled_intervals``; the coverage each reaches is
+          in benchmarks/results/coverage.json). Every interval is for the population value;
+          one that excludes the printed estimate (the biased V-statistic energy distance,
+          plain FID) says why in its ``note``; nonnegative quantities are clamped at 0.
+        * ``kid_subset_size``, ``kid_subsets``: KID subsets (the size is clamped to the smaller
+          set, with a warning).
+        * ``seed``: seed of the KID subsets, bootstrap and permutations.
       progress: progress bars for the resampling phases (shown only on a TTY; False: never).
 
     Returns:
@@ -244,10 +241,15 @@ def similarity_report(
     Raises:
       ValueError: bad shapes, NaN/inf rows, mismatched dims (from ``featsim.metrics``).
     """
+    if not isinstance(stats, StatOptions):
+        raise TypeError(f"stats must be a featsim.metrics.StatOptions, got "
+                        f"{type(stats).__name__}")
+    metric, n_bootstrap, n_permutations = stats.metric, stats.n_bootstrap, stats.n_permutations
+    confidence, seed = stats.confidence, stats.seed
     summary = metrics.distance_summary(source, target, metric=metric)
     details = metrics.fid_details(source, target)
-    kid = metrics.kid(source, target, subset_size=kid_subset_size, num_subsets=kid_subsets,
-                      seed=seed)
+    kid = metrics.kid(source, target, subset_size=stats.kid_subset_size,
+                      num_subsets=stats.kid_subsets, seed=seed)
     ci = {}
     resampler = None
     n, m, dim = summary.n_x, summary.n_y, details.dim
@@ -255,7 +257,7 @@ def similarity_report(
         resampler = metrics.TwoSampleResampler(source, target, metric=metric)
         estimates = metrics.resampled_intervals(
             source, target, metric=metric, n_resamples=n_bootstrap, confidence=confidence,
-            method=ci_method, seed=seed, progress=progress, resampler=resampler)
+            method=stats.ci_method, seed=seed, progress=progress, resampler=resampler)
         printed = {"distance": summary.between, "distance_source": summary.within_x,
                    "distance_target": summary.within_y, "ratio": summary.ratio,
                    "energy_distance": summary.energy,

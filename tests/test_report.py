@@ -7,6 +7,7 @@ import pytest
 
 from featsim import metrics
 from featsim.cli import main
+from featsim.metrics import StatOptions
 from featsim.report import similarity_report
 
 
@@ -19,8 +20,8 @@ def sets():
 
 def test_fields_equal_library_values(sets):
     x, y = sets
-    r = similarity_report(x, y, n_bootstrap=20, n_permutations=20, kid_subset_size=50,
-                          kid_subsets=10, seed=3)
+    r = similarity_report(x, y, stats=StatOptions(n_bootstrap=20, n_permutations=20,
+                                                  kid_subset_size=50, kid_subsets=10, seed=3))
     s = metrics.distance_summary(x, y)
     assert r.distance == s.between and r.energy_distance == s.energy and r.ratio == s.ratio
     assert r.distance_source == metrics.within_distance(x)
@@ -54,8 +55,8 @@ def test_every_interval_contains_its_estimate_or_says_why():
     for n, m, d in ((3, 6, 16), (40, 30, 64), (120, 90, 10)):
         x, y = rng.normal(size=(n, d)), rng.normal(0.3, 1.1, size=(m, d))
         with pytest.warns(UserWarning) if min(n, m) <= d else _no_warning():
-            r = similarity_report(x, y, n_bootstrap=50, kid_subset_size=min(n, m),
-                                  kid_subsets=5, seed=0)
+            r = similarity_report(x, y, stats=StatOptions(
+                n_bootstrap=50, kid_subset_size=min(n, m), kid_subsets=5, seed=0))
         table = r.to_table()
         for name, ci in r.ci.items():
             value = getattr(r, name)
@@ -77,7 +78,7 @@ class _no_warning:
 
 def test_no_bootstrap_means_no_intervals(sets):
     x, y = sets
-    r = similarity_report(x, y, kid_subset_size=50, kid_subsets=5)
+    r = similarity_report(x, y, stats=StatOptions(kid_subset_size=50, kid_subsets=5))
     assert r.ci == {} and r.energy_pvalue is None
     assert "bootstrap" not in r.to_table()
 

@@ -3,11 +3,14 @@
 Modules: ``distance`` (Gu & Lee's D, within-domain baselines, energy distance), ``frechet``
 (FID: FeatureStats, Frechet distance), ``mmd`` (KID), ``cka`` (linear, RBF, minibatch and
 layer-by-layer CKA), ``stats`` (bootstrap confidence intervals, permutation tests), ``resample``
-(weighted resampling engine: the report's intervals, FID_infinity). The FID and
+(weighted resampling engine: the report's intervals, FID_infinity), ``paired`` (the same
+engine across representations of the same images: paired bootstrap, swap and energy tests),
+``options`` (``StatOptions``, the statistics options of every comparison). The FID and
 KID modules are not called ``fid``/``kid`` so that the functions of those names can be
 re-exported here without shadowing their modules.
 """
 
+from featsim import _guard  # noqa: F401  (first: names a namespace-package import)
 from featsim.metrics.cka import CKAMatrix as CKAMatrix
 from featsim.metrics.cka import MinibatchCKA as MinibatchCKA
 from featsim.metrics.cka import cka_matrix as cka_matrix
@@ -29,6 +32,7 @@ from featsim.metrics.frechet import frechet_distance as frechet_distance
 from featsim.metrics.mmd import KIDResult as KIDResult
 from featsim.metrics.mmd import kid as kid
 from featsim.metrics.mmd import polynomial_mmd2 as polynomial_mmd2
+from featsim.metrics.options import StatOptions as StatOptions
 from featsim.metrics.resample import FIDInfinity as FIDInfinity
 from featsim.metrics.resample import IntervalEstimate as IntervalEstimate
 from featsim.metrics.resample import TwoSampleResampler as TwoSampleResampler
@@ -52,6 +56,7 @@ __all__ = [
     "KIDResult",
     "MinibatchCKA",
     "PermutationResult",
+    "StatOptions",
     "TwoSampleResampler",
     "average_distance",
     "bootstrap_ci",
