@@ -363,14 +363,16 @@ def test_layer_similarity_without_runs_says_what_to_run(ws):
 
 
 def test_common_helpers(ws, monkeypatch):
+    import featsim.jsonfile
     from featsim.data.digest import source_digest
     from featsim.data.subsets import balanced_subset
 
     monkeypatch.syspath_prepend(str(ANALYSIS))
     common = importlib.import_module("_common")
-    for moved in ("quick_subset", "proportional_subset", "source_digest", "write_json",
-                  "depth_order"):  # library logic lives in the library (issue 15)
+    for moved in ("quick_subset", "proportional_subset", "source_digest", "depth_order",
+                  "_jsonable"):  # library logic lives in the library (issue 15)
         assert not hasattr(common, moved), moved
+    assert common.write_json is featsim.jsonfile.write_json  # one atomic JSON writer
     subset = balanced_subset(f"{ws / 'kermany'}:train", 10)
     labels = [it.label for it in subset.items]
     assert len(labels) == 10 and labels.count(0) == labels.count(1) == 5
