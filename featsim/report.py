@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import warnings
 
 import jax
 import numpy as np
@@ -103,12 +104,32 @@ class SimilarityReport:
     versions: dict[str, str]
     energy_distance_unbiased: float | None = None
     fid_infinity: float | None = None
+    kid_subset_size_requested: int | None = None
+
+    @property
+    def facts(self) -> tuple[str, ...]:
+        """What a reader must know to compare these numbers with others (also in the JSON):
+        facts of every small-sample run, stated here instead of warned about on each run."""
+        out = []
+        if min(self.n_source, self.n_target) <= self.dim:
+            out.append(f"FID with n <= d ({self.n_source} / {self.n_target} images, d = "
+                       f"{self.dim}): the covariances are singular (ranks "
+                       f"{self.fid_rank_source} / {self.fid_rank_target}) and FID is biased "
+                       "upwards at small n; compare it only with FIDs at the same n "
+                       "(FID_infinity extrapolates to n -> infinity)")
+        requested = self.kid_subset_size_requested
+        if requested is not None and requested > self.kid_subset_size:
+            out.append(f"KID subsets of {self.kid_subset_size} images: {requested} were asked "
+                       "for, and the smaller set has only "
+                       f"{min(self.n_source, self.n_target)}")
+        return tuple(out)
 
     def to_dict(self) -> dict:
         """JSON-ready dict; intervals appear as ``<field>_ci: [low, high]`` and in ``ci``."""
         out = dataclasses.asdict(self)
         for name, interval in self.ci.items():
             out[f"{name}_ci"] = [interval.low, interval.high]
+        out["facts"] = list(self.facts)
         return out
 
     def to_table(self) -> str:
@@ -148,6 +169,7 @@ class SimilarityReport:
                          f"{first.n_resamples} bootstrap resamples, {first.method}{extra}; "
                          "see featsim.metrics.resample]")
         lines += [f"  ({i}) {note}" for i, note in enumerate(notes, 1)]
+        lines += [f"  note: {fact}" for fact in self.facts]
         return "\n".join(lines)
 
     def _interval_text(self, name: str, notes: list[str]) -> str:
@@ -247,9 +269,12 @@ def similarity_report(
     metric, n_bootstrap, n_permutations = stats.metric, stats.n_bootstrap, stats.n_permutations
     confidence, seed = stats.confidence, stats.seed
     summary = metrics.distance_summary(source, target, metric=metric)
-    details = metrics.fid_details(source, target)
-    kid = metrics.kid(source, target, subset_size=stats.kid_subset_size,
-                      num_subsets=stats.kid_subsets, seed=seed)
+    with warnings.catch_warnings():  # both facts go into the report (`facts`), not stderr
+        warnings.simplefilter("ignore", metrics.FIDRankWarning)
+        warnings.filterwarnings("ignore", message=r"subset_size=\d+ is larger than the smaller")
+        details = metrics.fid_details(source, target)
+        kid = metrics.kid(source, target, subset_size=stats.kid_subset_size,
+                          num_subsets=stats.kid_subsets, seed=seed)
     ci = {}
     resampler = None
     n, m, dim = summary.n_x, summary.n_y, details.dim
@@ -311,6 +336,7 @@ def similarity_report(
                   "python": platform.python_version()},
         energy_distance_unbiased=2.0 * summary.between - summary.within_x - summary.within_y,
         fid_infinity=fid_inf,
+        kid_subset_size_requested=int(stats.kid_subset_size),
     )
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-from featsim.metrics.distance import METRICS
+__all__ = ["CI_METHODS", "DEFAULT_STATS", "METRICS", "StatOptions"]
 
-__all__ = ["CI_METHODS", "DEFAULT_STATS", "StatOptions"]
+# Pairwise metrics of D and the energy distance (featsim.metrics.distance computes them). This
+# module imports neither JAX nor numpy's heavy users, so the CLI can offer these as choices.
+METRICS = ("euclidean", "sqeuclidean", "cosine", "cityblock")
 
 # Interval kinds of the bootstrap (featsim.metrics.resample); paired changes take the first two.
 CI_METHODS = ("basic", "percentile", "BCa")
