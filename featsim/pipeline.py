@@ -4,7 +4,7 @@
 directly::
 
     backbone = pretrained_backbone("efficientnet_lite0")
-    result = feature_distance(backbone, "imagenette_val_500", "chest_xray:test")
+    result = feature_distance(backbone, "embedded:natural", "embedded:medical")
     print(result.to_table()); result.to_dict()  # JSON-ready, with provenance
 """
 
