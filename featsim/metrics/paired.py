@@ -40,7 +40,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import scipy.spatial.distance
+
+from featsim.metrics.resample import distance_matrix_from_gram
 
 __all__ = [
     "PAIRED_CI_METHODS",
@@ -74,20 +75,12 @@ def pairwise_distances(x: np.ndarray, y: np.ndarray, metric: str, *, same: bool)
     if metric in ("euclidean", "sqeuclidean"):
         # Centring on a common mean removes the cancellation in |x|^2 + |y|^2 - 2 x.y.
         centre = x.mean(0) if same else np.concatenate([x, y]).mean(0)
-        xc = x - centre
-        yc = xc if same else y - centre
-        sq = (xc * xc).sum(1)[:, None] + (yc * yc).sum(1)[None, :] - 2.0 * (xc @ yc.T)
-        np.maximum(sq, 0.0, out=sq)
-        out = np.sqrt(sq) if metric == "euclidean" else sq
-    elif metric == "cosine":
-        ux = x / np.linalg.norm(x, axis=1, keepdims=True)
-        uy = ux if same else y / np.linalg.norm(y, axis=1, keepdims=True)
-        out = np.clip(1.0 - ux @ uy.T, 0.0, 2.0)
-    else:
-        out = scipy.spatial.distance.cdist(x, y, metric)
-    if same:
-        np.fill_diagonal(out, 0.0)
-    return out
+        x = x - centre
+        y = x if same else y - centre
+    gram = x @ y.T if metric in ("euclidean", "sqeuclidean", "cosine") else None
+    sq_x = (x * x).sum(1)
+    sq_y = sq_x if same else (y * y).sum(1)
+    return distance_matrix_from_gram(x, y, gram, sq_x, sq_y, metric, same)  # one builder for both
 
 
 class PairedResampler:
