@@ -16,7 +16,6 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import featsim  # first: featsim sets its XLA flags before JAX computes anything
+from featsim.jsonfile import write_json
 
 ANALYSIS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = ANALYSIS_DIR.parent
@@ -169,7 +169,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Data: quick subsets and content hashes.
+# Data (subsets and content digests: featsim.data.subsets, featsim.data.digest).
 # --------------------------------------------------------------------------------------------
 
 
@@ -177,75 +177,6 @@ def open_spec(spec):
     from featsim.data import open_source
 
     return open_source(spec)
-
-
-def quick_subset(spec, n: int, *, seed: int = 0):
-    """At most ``n`` items of a source, stratified by label (round robin over the classes in a
-    seeded order), kept in source order; the spec says it is a subset."""
-    import numpy as np
-
-    source = open_spec(spec)
-    if len(source) <= n:
-        return source
-    rng = np.random.default_rng(seed)
-    by_label: dict = {}
-    for i, item in enumerate(source.items):
-        by_label.setdefault(item.label, []).append(i)
-    queues = [list(rng.permutation(v)) for _, v in sorted(by_label.items(),
-                                                            key=lambda kv: str(kv[0]))]
-    chosen: list[int] = []
-    while len(chosen) < n:
-        for q in queues:
-            if q and len(chosen) < n:
-                chosen.append(int(q.pop()))
-    items = tuple(source.items[i] for i in sorted(chosen))
-    return dataclasses.replace(source, items=items,
-                               spec=f"{source.spec} [quick subset: {n} of {len(source)}]")
-
-
-def proportional_subset(spec, n: int, *, seed: int = 0):
-    """At most ``n`` items of a source, stratified by label in the source's own class
-    proportions (largest remainders), chosen with a seeded permutation and kept in source
-    order; the spec says it is a subset. Training on it keeps the class imbalance that the
-    class-weighted loss is there for."""
-    import numpy as np
-
-    source = open_spec(spec)
-    if len(source) <= n:
-        return source
-    rng = np.random.default_rng(seed)
-    by_label: dict = {}
-    for i, item in enumerate(source.items):
-        by_label.setdefault(item.label, []).append(i)
-    labels = sorted(by_label, key=str)
-    exact = np.array([len(by_label[k]) for k in labels], float) * n / len(source)
-    counts = np.floor(exact).astype(int)
-    for j in np.argsort(-(exact - counts), kind="stable")[: n - int(counts.sum())]:
-        counts[j] += 1
-    chosen = [int(i) for k, c in zip(labels, counts, strict=True)
-              for i in rng.permutation(by_label[k])[:c]]
-    items = tuple(source.items[i] for i in sorted(chosen))
-    return dataclasses.replace(source, items=items,
-                               spec=f"{source.spec} [stratified subset: {n} of {len(source)}, "
-                                    f"seed {seed}]")
-
-
-def source_digest(source) -> dict:
-    """Spec, item count, per-class counts and the content SHA-256 of a source (the same
-    definition as ``Features.manifest["content_sha256"]``)."""
-    import concurrent.futures
-
-    source = open_spec(source)
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        hashes = list(pool.map(lambda it: it.content_hash(), source.items))
-    counts: dict[str, int] = {}
-    for item in source.items:
-        name = ("unlabelled" if item.label is None else
-                source.class_names[item.label] if item.label < len(source.class_names)
-                else str(item.label))
-        counts[name] = counts.get(name, 0) + 1
-    return {"spec": str(source.spec), "n_items": len(source), "class_counts": counts,
-            "content_sha256": hashlib.sha256("\n".join(hashes).encode()).hexdigest()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,31 +277,6 @@ def provenance(clock: Clock, *, data: Mapping | None = None, **extra) -> dict:
 # --------------------------------------------------------------------------------------------
 # Writing results.
 # --------------------------------------------------------------------------------------------
-
-
-def _jsonable(value):
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else str(value)
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _jsonable(value.tolist())
-    return value
-
-
-def write_json(path: Path, value) -> Path:
-    """Atomic JSON (NaN written as null, inf as a string)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(value), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def finish(out: Path, result: dict, markdown, name: str, clock: Clock) -> int:
@@ -495,18 +401,6 @@ def find_runs(root: str | os.PathLike | None) -> list[Run]:
             weights=record.get("weights"), normalization=config.get("normalization", "paper"),
             label=record.get("label", folder.parent.name)))
     return sorted(runs, key=lambda r: (r.backbone, r.label, r.seed))
-
-
-def depth_order(layer: str):
-    """stem, stage1, stage2, ..., other taps, pre_logits: input to output."""
-    import re
-
-    if layer == "stem":
-        return (0, 0, "")
-    match = re.fullmatch(r"stage(\d+)", layer)
-    if match:
-        return (1, int(match.group(1)), "")
-    return (3, 0, "") if layer == "pre_logits" else (2, 0, layer)
 
 
 def plot_intervals(ax, xs, values, lows, highs, *, colour, marker, label=None):

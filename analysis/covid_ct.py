@@ -92,6 +92,11 @@ from pathlib import Path
 import _common as common
 import numpy as np
 
+from featsim.data.digest import source_digest
+from featsim.data.subsets import balanced_subset
+from featsim.jsonfile import write_json
+from featsim.train.predict import predict_binary
+
 NAME = "covid_ct"
 CELLS = ("pretrained_frozen", "pretrained_full", "random_frozen", "random_full", "small_cnn")
 CELL_TEXT = {
@@ -205,61 +210,19 @@ def make_plan(cells, backbone, weights, small_cnn, head) -> list[Cell]:
     return [Cell(c, *spec[c]) for c in cells if not (c == "small_cnn" and not small_cnn)]
 
 
-def predict(config, workdir: Path, source, *, dtype: str | None = None):
-    """``(labels, P(positive), mean |pre_logits|)`` of the saved final model
-    (``model.msgpack``) on ``source``, inference mode, images decoded and scaled as the
-    training run's (``dtype``: how the decoded pixels are held, default the config's
-    ``image_dtype``). The feature magnitude shows a body whose output has vanished."""
-    import jax
-    import jax.numpy as jnp
-
-    from featsim.backbones.registry import get_backbone
-    from featsim.backbones.weights import load_variables
-    from featsim.data.transforms import Transform
-    from featsim.train import heads, load_dataset
-
-    module = heads.model_for(config, 1).module
-    variables = load_variables(workdir / "model.msgpack")
-    probe = get_backbone(config.backbone, num_classes=None)
-    transform = Transform.for_backbone(probe.preprocessing, config.normalization)
-    data = load_dataset(source, transform, dtype=dtype or config.image_dtype)
-    scale, offset = transform.affine()
-
-    @jax.jit
-    def probs(x):
-        logits, feats = module.apply(variables, x.astype(jnp.float32) * scale + offset,
-                                     train=False)
-        return jax.nn.sigmoid(logits[:, 0]), jnp.abs(feats["pre_logits"]).mean(axis=1)
-
-    size = config.batch_size
-    out = [probs(data.images[i:i + size]) for i in range(0, len(data), size)]
-    p = np.concatenate([np.asarray(o[0]) for o in out]).astype(np.float64)
-    magnitude = float(np.concatenate([np.asarray(o[1]) for o in out]).mean())
-    return data.labels, p, magnitude
-
-
 def test_metrics(labels: np.ndarray, p: np.ndarray, seed: int, n_boot: int) -> dict:
-    """Binary metrics (positive = 1), micro-averages over both classes, AUC + bootstrap CI."""
+    """Binary metrics (positive = 1), micro-averages over both classes (her eqs. 4-6: TP, FP,
+    FN summed over the classes covid and non-covid), AUC + bootstrap CI: all from
+    ``featsim.train.classification_metrics`` (positive iff P > 0.5, as in training)."""
     from featsim.train import auc_ci, classification_metrics
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # undefined precision etc. become NaN
         m = classification_metrics(labels, p, num_classes=2)
-    pred = (p >= 0.5).astype(int)
-    # Micro-averaging (her eqs. 4-6): TP, FP, FN summed over the classes covid and non-covid.
-    tp = sum(int(np.sum((pred == c) & (labels == c))) for c in (0, 1))
-    fp = sum(int(np.sum((pred == c) & (labels != c))) for c in (0, 1))
-    fn = sum(int(np.sum((pred != c) & (labels == c))) for c in (0, 1))
-    micro_p, micro_r = tp / (tp + fp), tp / (tp + fn)
     out = {k: float(m[k]) for k in ("accuracy", "precision", "recall", "f1", "specificity")}
-    out.update(micro_precision=micro_p, micro_recall=micro_r,
-               micro_f1=2 * micro_p * micro_r / (micro_p + micro_r) if micro_p + micro_r
-               else math.nan,
-               tp=int(np.sum((pred == 1) & (labels == 1))),
-               fp=int(np.sum((pred == 1) & (labels == 0))),
-               fn=int(np.sum((pred == 0) & (labels == 1))),
-               tn=int(np.sum((pred == 0) & (labels == 0))),
-               score_std=float(np.std(p)), predicted_positive=int(pred.sum()),
+    out.update(micro_precision=m["precision_micro"], micro_recall=m["recall_micro"],
+               micro_f1=m["f1_micro"], tp=m["tp"], fp=m["fp"], fn=m["fn"], tn=m["tn"],
+               score_std=float(np.std(p)), predicted_positive=m["tp"] + m["fp"],
                saturated=float(np.mean((p == 0.0) | (p == 1.0))))
     if 0 < labels.sum() < len(labels):
         ci = auc_ci(labels, p, n_boot=n_boot, seed=seed)
@@ -313,7 +276,7 @@ def train_cell(cell: Cell, seeds, epochs: int, args, source, splits, runs_dir: P
                   f"{len(train)} train / {len(test)} test -> {workdir}", flush=True)
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "metrics.json").unlink(missing_ok=True)
-            common.write_json(workdir / common.RUN_RECORD, {
+            write_json(workdir / common.RUN_RECORD, {
                 **record, "backbone": cell.backbone, "strategy": cell.strategy,
                 "learning_rate": args.lr, "label": cell.name,
                 "written_by": common.command_line()})
@@ -322,8 +285,8 @@ def train_cell(cell: Cell, seeds, epochs: int, args, source, splits, runs_dir: P
         # The cached-feature path (linear, no augmentation) trained and tested the head on
         # features of float pixels; the end-to-end loop holds uint8 pixels.
         cached = done.get("path") == "cached_features"
-        labels, p, magnitude = predict(config, workdir, test,
-                                       dtype="float32" if cached else None)
+        labels, p, magnitude = predict_binary(config, workdir, test,
+                                              dtype="float32" if cached else None)
         metrics = test_metrics(labels, p, seed, args.bootstrap)
         metrics["pre_logits_mean_abs"] = magnitude
         # train_and_evaluate's own test accuracy of the same model
@@ -546,9 +509,9 @@ def main(argv=None) -> int:
     out = common.results_dir(NAME, args.out, quick=args.quick)
     runs_dir = args.runs or common.RUNS_ROOT / (f"{NAME}-quick" if args.quick else NAME)
 
-    source = (common.quick_subset(args.data, args.quick_n, seed=0) if args.quick
+    source = (balanced_subset(args.data, args.quick_n, seed=0) if args.quick
               else common.open_spec(args.data))
-    digest = common.source_digest(source)
+    digest = source_digest(source)
     positive = positive_class(source.class_names, args.positive)
     plan = make_plan(cells, args.backbone, args.weights, small_cnn, args.head)
 

@@ -16,7 +16,7 @@ Kermany test split):
 * after each training strategy of ``transfer_vs_scratch.py`` (its run folders, ``--runs``):
   every statistic before and after with paired bootstrap intervals and paired permutation tests
   of the change, and the Proposition 5 verdict as measured
-  (:func:`featsim.compare.compare_backbones`); each change split into a normalisation part
+  (:func:`featsim.comparison.compare_backbones`); each change split into a normalisation part
   (pretrained -> the BN-adapted control: pretrained weights, BatchNorm statistics recomputed on
   the run's training split, :func:`featsim.adapt.adapt_batch_stats`) and a weight part
   (control -> fine-tuned); both readings of D after fine-tuning, D(phi'(X_C), phi'(X_M)) and
@@ -57,6 +57,9 @@ import warnings
 from pathlib import Path
 
 import _common as common
+
+from featsim.data.digest import source_digest
+from featsim.data.subsets import balanced_subset
 
 NAME = "feature_similarity"
 CHANGE_STATS = ("distance", "ratio", "energy_coefficient", "distance_cosine")
@@ -118,8 +121,7 @@ def split_half(features, args, seed: int) -> dict | None:
     a, b = features[order[: n // 2]], features[order[n // 2:]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FID rank warnings: n/2 < d is expected here
-        report = similarity_report(a, b, kid_subset_size=kid_size(args, len(a), len(b)),
-                                   kid_subsets=args.kid_subsets, seed=seed)
+        report = similarity_report(a, b, stats=point_stats(args, len(a), len(b), seed))
     return report.to_dict()
 
 
@@ -129,10 +131,8 @@ def pretrained_measurements(backbone, label: str, source, target, args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FID rank warnings at n < d; recorded in the report
         result = feature_distance(
-            backbone, source, target, layer=args.layer, n_bootstrap=args.bootstrap,
-            n_permutations=args.permutations, kid_subset_size=kid_size(args, len(source),
-                                                                       len(target)),
-            kid_subsets=args.kid_subsets, seed=args.seed, **extract_kwargs(args))
+            backbone, source, target, layer=args.layer,
+            stats=resampled_stats(args, len(source), len(target)), **extract_kwargs(args))
     src, tgt = result.source[args.layer], result.target[args.layer]
     return {
         "backbone": backbone.name, "domain": label, "model": "pretrained", "layer": args.layer,
@@ -142,6 +142,20 @@ def pretrained_measurements(backbone, label: str, source, target, args) -> dict:
         "split_half": {"source": split_half(src, args, args.seed),
                        "target": split_half(tgt, args, args.seed)},
     }
+
+
+def point_stats(args, n: int, m: int, seed: int):
+    """Statistics options without resampling (KID subsets sized for n and m)."""
+    from featsim.metrics import StatOptions
+
+    return StatOptions(kid_subset_size=kid_size(args, n, m), kid_subsets=args.kid_subsets,
+                       seed=seed)
+
+
+def resampled_stats(args, n: int, m: int):
+    """The script's statistics options: --bootstrap, --permutations, --seed, KID subsets."""
+    return point_stats(args, n, m, args.seed).replace(n_bootstrap=args.bootstrap,
+                                                      n_permutations=args.permutations)
 
 
 def extract_kwargs(args, normalization: str | None = None) -> dict:
@@ -174,16 +188,14 @@ def control_for(pretrained, run: common.Run, args, cache: dict):
 
 def compare_run(pretrained, run: common.Run, source, target, args, control=None):
     """``(JSON-ready dict, ComparisonResult)`` of pretrained vs this run (and the control)."""
-    from featsim.compare import compare_backbones, load_finetuned
+    from featsim.comparison import compare_backbones, load_finetuned
 
     finetuned = load_finetuned(run.path, backbone=run.backbone)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FID rank warnings at n < d
         result = compare_backbones(
             pretrained, finetuned, source, target, layer=args.layer,
-            n_bootstrap=args.bootstrap, n_permutations=args.permutations,
-            kid_subset_size=kid_size(args, len(source), len(target)),
-            kid_subsets=args.kid_subsets, seed=args.seed, control=control,
+            stats=resampled_stats(args, len(source), len(target)), control=control,
             **extract_kwargs(args, run.normalization))
     out = result.to_dict()
     out.update(model=run.name, strategy=run.strategy, seed=run.seed, label=run.label,
@@ -195,8 +207,8 @@ def compare_run(pretrained, run: common.Run, source, target, args, control=None)
 def seed_level(comparisons: list[dict], results: list) -> list[dict]:
     """One seed-level summary (mean change over seeds, Student-t interval; total,
     normalisation and weight parts) per backbone and run group."""
-    from featsim.compare import _collapse_note
     from featsim.compare_seeds import seed_summary
+    from featsim.comparison.verdict import collapse_note
 
     groups: dict = {}
     for c, r in zip(comparisons, results, strict=True):
@@ -207,7 +219,7 @@ def seed_level(comparisons: list[dict], results: list) -> list[dict]:
         control = members[0][1].control
         summary = seed_summary([r.change for _, r in members],
                                labels=[f"seed {c['seed']}" for c, _ in members],
-                               notes=[_collapse_note(r) for _, r in members],
+                               notes=[collapse_note(r) for _, r in members],
                                control=None if control is None else control.describe())
         out.append({"backbone": backbone, "label": label,
                     "strategy": members[0][0]["strategy"], **summary.to_dict()})
@@ -564,7 +576,7 @@ def main(argv=None) -> int:
     runs_dir = args.runs or common.default_runs_dir(args.quick)
 
     def load(spec):
-        return common.quick_subset(spec, args.quick_n, seed=0) if args.quick else \
+        return balanced_subset(spec, args.quick_n, seed=0) if args.quick else \
             common.open_spec(spec)
 
     others = ([] if args.no_other_targets else
@@ -578,8 +590,8 @@ def main(argv=None) -> int:
             domains.append((label, load(spec), False))
         except (FileNotFoundError, ValueError) as err:
             skipped.append(f"domain {label} ({spec}): {err}")
-    data = {args.source_name: common.source_digest(source)}
-    data.update({label: common.source_digest(src) for label, src, _ in domains})
+    data = {args.source_name: source_digest(source)}
+    data.update({label: source_digest(src) for label, src, _ in domains})
 
     from featsim.pipeline import pretrained_backbone
 

@@ -47,6 +47,9 @@ from pathlib import Path
 
 import _common as common
 
+from featsim.data.digest import source_digest
+from featsim.data.subsets import balanced_subset
+
 NAME = "layer_similarity"
 PAIR_KINDS = (
     ("pretrained vs finetune", "pretrained vs fine-tuned (every layer)"),
@@ -254,10 +257,10 @@ def main(argv=None) -> int:
     common.setup_caches(args)
     out = common.results_dir(NAME, args.out, quick=args.quick)
     runs_dir = args.runs or common.default_runs_dir(args.quick)
-    target = (common.quick_subset(args.target, args.quick_n, seed=0) if args.quick
+    target = (balanced_subset(args.target, args.quick_n, seed=0) if args.quick
               else common.open_spec(args.target))
 
-    from featsim.compare import load_finetuned
+    from featsim.comparison import depth_order, load_finetuned
     from featsim.features import feature_layers
     from featsim.pipeline import pretrained_backbone
 
@@ -288,7 +291,7 @@ def main(argv=None) -> int:
         w = mine[0].weights
         pretrained = pretrained_backbone(backbone, Path(w) if w else None)
         layers = sorted((k for k in feature_layers(pretrained) if k != "logits"),
-                        key=common.depth_order)
+                        key=depth_order)
         result["layers"][backbone] = layers
         normalization = mine[0].normalization
         feats = {None: layer_features(pretrained, target, layers, args, normalization)}
@@ -342,7 +345,7 @@ def main(argv=None) -> int:
     common.write_csv(out / "cka_per_layer.csv", rows, [
         "backbone", "kind", "model_a", "model_b", "layer", "depth", "cka", "ci_low", "ci_high"])
     result["provenance"] = common.provenance(clock, data={
-        args.target_name: common.source_digest(target)})
+        args.target_name: source_digest(target)})
     return common.finish(out, result, markdown, NAME, clock)
 
 

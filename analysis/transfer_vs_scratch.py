@@ -58,6 +58,10 @@ from pathlib import Path
 
 import _common as common
 
+from featsim.data.digest import source_digest
+from featsim.data.subsets import balanced_subset, proportional_subset
+from featsim.jsonfile import write_json
+
 NAME = "transfer_vs_scratch"
 STRATEGIES = ("linear", "finetune", "scratch")
 # The paper's protocol (sec. 5.6-5.7); anything less is listed as a reduction.
@@ -250,7 +254,7 @@ def train_group(group: Group, seeds, args, train, test, runs_dir: Path, data) ->
                   + (" (resuming)" if resume else ""), flush=True)
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "metrics.json").unlink(missing_ok=True)
-            common.write_json(workdir / common.RUN_RECORD, {
+            write_json(workdir / common.RUN_RECORD, {
                 "backbone": group.backbone, "weights": group.weights,
                 "strategy": group.strategy, "learning_rate": group.learning_rate,
                 "lr_variant": group.lr_variant, "seed": seed, "label": group.label,
@@ -469,13 +473,13 @@ def main(argv=None) -> int:
 
     train_spec, test_spec = f"{args.data}:train", f"{args.data}:test"
     if args.quick:
-        train = common.quick_subset(train_spec, args.quick_train, seed=0)
-        test = common.quick_subset(test_spec, args.quick_test, seed=0)
+        train = balanced_subset(train_spec, args.quick_train, seed=0)
+        test = balanced_subset(test_spec, args.quick_test, seed=0)
     else:
-        train = (common.proportional_subset(train_spec, args.train_subset, seed=0)
+        train = (proportional_subset(train_spec, args.train_subset, seed=0)
                  if args.train_subset else common.open_spec(train_spec))
         test = common.open_spec(test_spec)
-    data = {"train": common.source_digest(train), "test": common.source_digest(test)}
+    data = {"train": source_digest(train), "test": source_digest(test)}
 
     backbones = common.chosen_backbones(args)
     trainable, skipped = [], []

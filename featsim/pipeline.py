@@ -4,7 +4,7 @@
 directly::
 
     backbone = pretrained_backbone("efficientnet_lite0")
-    result = feature_distance(backbone, "imagenette_val_500", "chest_xray:test")
+    result = feature_distance(backbone, "embedded:natural", "embedded:medical")
     print(result.to_table()); result.to_dict()  # JSON-ready, with provenance
 """
 
@@ -16,7 +16,9 @@ from pathlib import Path
 
 from featsim.backbones.registry import ENCODER_FILENAME, Backbone, get_backbone
 from featsim.backbones.tfjs import load_tfjs_mobilenet_v1
+from featsim.data.sources import open_source
 from featsim.features.extract import Features, extract_features
+from featsim.metrics.options import DEFAULT_STATS, StatOptions
 from featsim.report import SimilarityReport, similarity_report
 
 __all__ = [
@@ -94,6 +96,7 @@ class DistanceResult:
             n_target=len(self.target),
             skipped=[dataclasses.asdict(s) for s in self.source.skipped + self.target.skipped],
             n_skipped=len(self.source.skipped) + len(self.target.skipped),
+            small_images={"source": src.get("small_images"), "target": tgt.get("small_images")},
             source_content_sha256=src["content_sha256"],
             target_content_sha256=tgt["content_sha256"],
             featsim_version=src["featsim_version"],
@@ -113,7 +116,19 @@ class DistanceResult:
 
 
 def _skips(features: Features) -> str:
-    return f", {len(features.skipped)} skipped" if features.skipped else ""
+    """``, 2 skipped, 1 non-image file ignored (notes.txt), ...`` for the summary lines."""
+    parts = [f"{len(features.skipped)} skipped"] if features.skipped else []
+    source = features.manifest["source"]
+    if source.get("ignored_files"):
+        parts.append(f"{source['ignored_files']} non-image file(s) ignored: "
+                     + ", ".join(source["ignored_examples"])
+                     + (" ..." if source["ignored_files"] > len(source["ignored_examples"])
+                        else ""))
+    small = features.manifest.get("small_images") or {}
+    if small.get("count"):
+        parts.append(f"{small['count']} image(s) with a side below {small['below_px']} px, "
+                     "upscaled")
+    return "".join(f", {p}" for p in parts)
 
 
 def feature_distance(
@@ -122,13 +137,7 @@ def feature_distance(
     target,
     *,
     layer: str = "pre_logits",
-    metric: str = "euclidean",
-    n_bootstrap: int = 0,
-    n_permutations: int = 0,
-    ci_method: str = "basic",
-    kid_subset_size: int = 1000,
-    kid_subsets: int = 100,
-    seed: int = 0,
+    stats: StatOptions = DEFAULT_STATS,
     **extract_kwargs,
 ) -> DistanceResult:
     """Extracts ``layer`` features of both sources and compares them with every metric.
@@ -138,16 +147,24 @@ def feature_distance(
         source, target: :class:`~featsim.data.Source` objects or specs for
             :func:`~featsim.data.open_source`; Gu & Lee's ``C`` (natural) and ``M`` (medical).
         layer: the feature layer.
-        metric, n_bootstrap, n_permutations, ci_method, kid_subset_size, kid_subsets, seed:
-            as :func:`featsim.report.similarity_report`.
+        stats: the statistics options (:class:`~featsim.metrics.StatOptions`), as
+            :func:`featsim.report.similarity_report`; checked before any extraction.
         **extract_kwargs: for :func:`~featsim.features.extract_features` (``batch_size``,
             ``skip_bad``, ``cache_dir``, ``normalization``, ``progress``, ...); ``progress``
             also governs the bars of the interval phase (shown on a TTY only).
     """
+    if not isinstance(stats, StatOptions):  # before minutes of extraction, not after
+        raise TypeError(f"stats must be a featsim.metrics.StatOptions, got "
+                        f"{type(stats).__name__}")
+    sources = [open_source(s, data_dir=extract_kwargs.get("data_dir"))
+               for s in (source, target)]
+    for role, listed in zip(("source", "target"), sources, strict=True):
+        if len(listed) < 2:  # before any extraction, in the user's words
+            raise ValueError(
+                f"{role} {listed.spec!r} has {len(listed)} image(s): D, its within-domain "
+                "baselines, FID and KID need at least 2 images per domain")
     feats = [extract_features(backbone, s, layers=(layer,), **extract_kwargs)
-             for s in (source, target)]
-    report = similarity_report(
-        feats[0][layer], feats[1][layer], metric=metric, n_bootstrap=n_bootstrap,
-        n_permutations=n_permutations, ci_method=ci_method, kid_subset_size=kid_subset_size,
-        kid_subsets=kid_subsets, seed=seed, progress=extract_kwargs.get("progress", True))
+             for s in sources]
+    report = similarity_report(feats[0][layer], feats[1][layer], stats=stats,
+                               progress=extract_kwargs.get("progress", True))
     return DistanceResult(report=report, source=feats[0], target=feats[1], layer=layer)

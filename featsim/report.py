@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import warnings
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ import scipy
 
 import featsim
 from featsim import metrics
+from featsim.metrics.options import DEFAULT_STATS, StatOptions
 
 __all__ = ["Interval", "SimilarityReport", "similarity_report"]
 
@@ -102,12 +104,32 @@ class SimilarityReport:
     versions: dict[str, str]
     energy_distance_unbiased: float | None = None
     fid_infinity: float | None = None
+    kid_subset_size_requested: int | None = None
+
+    @property
+    def facts(self) -> tuple[str, ...]:
+        """What a reader must know to compare these numbers with others (also in the JSON):
+        facts of every small-sample run, stated here instead of warned about on each run."""
+        out = []
+        if min(self.n_source, self.n_target) <= self.dim:
+            out.append(f"FID with n <= d ({self.n_source} / {self.n_target} images, d = "
+                       f"{self.dim}): the covariances are singular (ranks "
+                       f"{self.fid_rank_source} / {self.fid_rank_target}) and FID is biased "
+                       "upwards at small n; compare it only with FIDs at the same n "
+                       "(FID_infinity extrapolates to n -> infinity)")
+        requested = self.kid_subset_size_requested
+        if requested is not None and requested > self.kid_subset_size:
+            out.append(f"KID subsets of {self.kid_subset_size} images: {requested} were asked "
+                       "for, and the smaller set has only "
+                       f"{min(self.n_source, self.n_target)}")
+        return tuple(out)
 
     def to_dict(self) -> dict:
         """JSON-ready dict; intervals appear as ``<field>_ci: [low, high]`` and in ``ci``."""
         out = dataclasses.asdict(self)
         for name, interval in self.ci.items():
             out[f"{name}_ci"] = [interval.low, interval.high]
+        out["facts"] = list(self.facts)
         return out
 
     def to_table(self) -> str:
@@ -147,6 +169,7 @@ class SimilarityReport:
                          f"{first.n_resamples} bootstrap resamples, {first.method}{extra}; "
                          "see featsim.metrics.resample]")
         lines += [f"  ({i}) {note}" for i, note in enumerate(notes, 1)]
+        lines += [f"  note: {fact}" for fact in self.facts]
         return "\n".join(lines)
 
     def _interval_text(self, name: str, notes: list[str]) -> str:
@@ -204,14 +227,7 @@ def similarity_report(
     source,
     target,
     *,
-    metric: str = "euclidean",
-    n_bootstrap: int = 0,
-    n_permutations: int = 0,
-    confidence: float = 0.95,
-    ci_method: str = "basic",
-    kid_subset_size: int = 1000,
-    kid_subsets: int = 100,
-    seed: int = 0,
+    stats: StatOptions = DEFAULT_STATS,
     progress: bool | None = None,
 ) -> SimilarityReport:
     """Computes every featsim metric between two feature sets.
@@ -219,23 +235,26 @@ def similarity_report(
     Args:
       source: float array ``[n, d]`` (e.g. ImageNet-image features).
       target: float array ``[m, d]`` (e.g. chest X-ray features).
-      metric: pairwise metric of D and the energy distance (see ``average_distance``).
-      n_bootstrap: resamples for the intervals of D, both baselines, ratio, energy distance
-        and coefficient, cosine D and KID (0: no intervals at all). They reuse one set of
-        float64 distance/kernel matrices (``featsim.metrics.TwoSampleResampler``), so 200
-        resamples cost about as much as the metrics themselves. FID's interval is a
-        20-group jackknife (40 FID evaluations from Gram pieces) whatever ``n_bootstrap``.
-      n_permutations: permutations for the energy-distance test of equal distributions
-        (0: none).
-      confidence: level of the intervals.
-      ci_method: ``"basic"`` (default), ``"percentile"`` or ``"BCa"`` for the bootstrap
-        intervals (see ``featsim.metrics.resampled_intervals``; the coverage each reaches is
-        in benchmarks/results/coverage.json). Every interval is for the population value;
-        one that excludes the printed estimate (the biased V-statistic energy distance,
-        plain FID) says why in its ``note``; nonnegative quantities are clamped at 0.
-      kid_subset_size, kid_subsets: KID subsets (the size is clamped to the smaller set, with a
-        warning).
-      seed: seed of the KID subsets, bootstrap and permutations.
+      stats: the statistics options (:class:`~featsim.metrics.StatOptions`; default: no
+        intervals, no test):
+
+        * ``metric``: pairwise metric of D and the energy distance (see ``average_distance``).
+        * ``n_bootstrap``: resamples for the intervals of D, both baselines, ratio, energy
+          distance and coefficient, cosine D and KID (0: no intervals at all). They reuse one
+          set of float64 distance/kernel matrices (``featsim.metrics.TwoSampleResampler``), so
+          200 resamples cost about as much as the metrics themselves. FID's interval is a
+          20-group jackknife (40 FID evaluations from Gram pieces) whatever ``n_bootstrap``.
+        * ``n_permutations``: permutations for the energy-distance test of equal
+          distributions (0: none).
+        * ``confidence``: level of the intervals.
+        * ``ci_method``: ``"basic"`` (default), ``"percentile"`` or ``"BCa"`` for the bootstrap
+          intervals (see ``featsim.metrics.resampled_intervals``; the coverage each reaches is
+          in benchmarks/results/coverage.json). Every interval is for the population value;
+          one that excludes the printed estimate (the biased V-statistic energy distance,
+          plain FID) says why in its ``note``; nonnegative quantities are clamped at 0.
+        * ``kid_subset_size``, ``kid_subsets``: KID subsets (the size is clamped to the smaller
+          set, with a warning).
+        * ``seed``: seed of the KID subsets, bootstrap and permutations.
       progress: progress bars for the resampling phases (shown only on a TTY; False: never).
 
     Returns:
@@ -244,10 +263,18 @@ def similarity_report(
     Raises:
       ValueError: bad shapes, NaN/inf rows, mismatched dims (from ``featsim.metrics``).
     """
+    if not isinstance(stats, StatOptions):
+        raise TypeError(f"stats must be a featsim.metrics.StatOptions, got "
+                        f"{type(stats).__name__}")
+    metric, n_bootstrap, n_permutations = stats.metric, stats.n_bootstrap, stats.n_permutations
+    confidence, seed = stats.confidence, stats.seed
     summary = metrics.distance_summary(source, target, metric=metric)
-    details = metrics.fid_details(source, target)
-    kid = metrics.kid(source, target, subset_size=kid_subset_size, num_subsets=kid_subsets,
-                      seed=seed)
+    with warnings.catch_warnings():  # both facts go into the report (`facts`), not stderr
+        warnings.simplefilter("ignore", metrics.FIDRankWarning)
+        warnings.filterwarnings("ignore", message=r"subset_size=\d+ is larger than the smaller")
+        details = metrics.fid_details(source, target)
+        kid = metrics.kid(source, target, subset_size=stats.kid_subset_size,
+                          num_subsets=stats.kid_subsets, seed=seed)
     ci = {}
     resampler = None
     n, m, dim = summary.n_x, summary.n_y, details.dim
@@ -255,7 +282,7 @@ def similarity_report(
         resampler = metrics.TwoSampleResampler(source, target, metric=metric)
         estimates = metrics.resampled_intervals(
             source, target, metric=metric, n_resamples=n_bootstrap, confidence=confidence,
-            method=ci_method, seed=seed, progress=progress, resampler=resampler)
+            method=stats.ci_method, seed=seed, progress=progress, resampler=resampler)
         printed = {"distance": summary.between, "distance_source": summary.within_x,
                    "distance_target": summary.within_y, "ratio": summary.ratio,
                    "energy_distance": summary.energy,
@@ -309,6 +336,7 @@ def similarity_report(
                   "python": platform.python_version()},
         energy_distance_unbiased=2.0 * summary.between - summary.within_x - summary.within_y,
         fid_infinity=fid_inf,
+        kid_subset_size_requested=int(stats.kid_subset_size),
     )
 
 

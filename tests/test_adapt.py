@@ -15,15 +15,17 @@ from PIL import Image
 
 from featsim.adapt import NO_BATCHNORM, adapt_batch_stats
 from featsim.backbones import get_backbone
-from featsim.compare import PARTS, STATISTICS, compare_backbones
 from featsim.compare_seeds import compare_runs
+from featsim.comparison import PARTS, STATISTICS, compare_backbones
 from featsim.data import open_source
 from featsim.data.decode import load_rgb
 from featsim.data.transforms import Transform
 from featsim.features import extract_features
+from featsim.metrics import StatOptions
 
 pytestmark = pytest.mark.filterwarnings("ignore::featsim.metrics.FIDRankWarning")
-FAST = dict(n_bootstrap=30, n_permutations=20, kid_subset_size=5, kid_subsets=3, batch_size=6,
+FAST = dict(stats=StatOptions(n_bootstrap=30, n_permutations=20, kid_subset_size=5,
+                              kid_subsets=3), batch_size=6,
             progress=False, layer="stage1", cka_layers=["stage1"])
 
 

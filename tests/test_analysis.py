@@ -363,22 +363,41 @@ def test_layer_similarity_without_runs_says_what_to_run(ws):
 
 
 def test_common_helpers(ws, monkeypatch):
+    import featsim.jsonfile
+    from featsim.data.digest import source_digest
+    from featsim.data.subsets import balanced_subset
+
     monkeypatch.syspath_prepend(str(ANALYSIS))
     common = importlib.import_module("_common")
-    subset = common.quick_subset(f"{ws / 'kermany'}:train", 10)
+    for moved in ("quick_subset", "proportional_subset", "source_digest", "depth_order",
+                  "_jsonable"):  # library logic lives in the library (issue 15)
+        assert not hasattr(common, moved), moved
+    assert common.write_json is featsim.jsonfile.write_json  # one atomic JSON writer
+    subset = balanced_subset(f"{ws / 'kermany'}:train", 10)
     labels = [it.label for it in subset.items]
     assert len(labels) == 10 and labels.count(0) == labels.count(1) == 5
     assert "quick subset: 10 of 32" in subset.spec
-    digest = common.source_digest(subset)
+    digest = source_digest(subset)
     assert digest["n_items"] == 10 and digest["class_counts"] == {"NORMAL": 5, "PNEUMONIA": 5}
     table = common.markdown_table(["a", "b|c"], [[1, "x|y"]])
     assert table.splitlines() == ["| a | b\\|c |", "|---|---|", "| 1 | x\\|y |"]
     assert common.fmt_mean_std(0.5, math.nan) == "0.500"
-    path = common.write_json(ws / "j.json", {"nan": math.nan, "inf": math.inf,
-                                             "arr": np.arange(2)})
-    assert json.loads(path.read_text()) == {"nan": None, "inf": "inf", "arr": [0, 1]}
     commit = common.git_commit()
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
+
+
+def test_covid_ct_metrics_are_the_library_metrics(monkeypatch):
+    """covid_ct's table: the library's threshold (positive iff P > 0.5) and micro averages;
+    its own `>= 0.5` counted a score of exactly 0.5 as positive."""
+    monkeypatch.syspath_prepend(str(ANALYSIS))
+    covid_ct = importlib.import_module("covid_ct")
+    labels = np.array([0, 1, 0, 1, 1])
+    p = np.array([0.5, 0.9, 0.1, 0.5, 0.7])
+    m = covid_ct.test_metrics(labels, p, seed=0, n_boot=20)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 0, 1, 2)
+    assert m["predicted_positive"] == 2 and m["accuracy"] == pytest.approx(0.8)
+    for key in ("micro_precision", "micro_recall", "micro_f1"):
+        assert m[key] == pytest.approx(m["accuracy"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,3 +43,14 @@ def test_training_benchmark_quick(tmp_path):
     assert set(data["pmap_finetune_step"]) == {"1", "2"}
     assert data["pmap_finetune_step"]["2"]["devices"] == 2
     assert data["linear_cached_features"]["steps_per_s"] > 0
+
+
+def test_paired_coverage_benchmark_quick(tmp_path):
+    out = tmp_path / "paired_coverage.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired_coverage.py"), "--quick",
+                    "--out", str(out)], check=True, capture_output=True, cwd=ROOT, timeout=600)
+    data = json.loads(out.read_text())
+    assert data["quick"] is True and set(data["by_n"]) == {"20", "40"}
+    for by_n in data["by_n"].values():
+        for rule in ("distinct_pairs", "copies_as_pairs"):
+            assert 0.0 <= by_n[rule]["ratio"]["coverage"] <= 1.0

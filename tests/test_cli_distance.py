@@ -14,6 +14,7 @@ from PIL import Image
 
 from featsim.cli import build_parser, main
 from featsim.features import extract_features, load_features
+from featsim.metrics import StatOptions
 from featsim.pipeline import pretrained_backbone
 from featsim.report import similarity_report
 
@@ -29,7 +30,8 @@ def lite0():
 def _recompute(backbone, source, target, cache_dir, **kw):
     feats = [extract_features(backbone, s, cache_dir=cache_dir, progress=False)
              for s in (source, target)]
-    return similarity_report(feats[0]["pre_logits"], feats[1]["pre_logits"], **kw).to_dict()
+    return similarity_report(feats[0]["pre_logits"], feats[1]["pre_logits"],
+                             stats=StatOptions(**kw)).to_dict()
 
 
 def _assert_json_equals_library(out: dict, expected: dict):

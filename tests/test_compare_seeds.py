@@ -1,4 +1,4 @@
-"""featsim.compare's three-way split (total = normalisation + weights) and featsim.compare_seeds:
+"""featsim.comparison's three-way split (total = normalisation + weights) and featsim.compare_seeds:
 the seed-level t-interval, Holm's adjustment and the seed-level verdict, on synthetic features
 (float64 numpy/scipy references; no backbone, a few seconds)."""
 
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from featsim.compare import PARTS, SCALE_FREE, STATISTICS, _Pairwise, feature_change
 from featsim.compare_seeds import (
     FORMS,
     MIN_SEEDS,
@@ -18,8 +17,12 @@ from featsim.compare_seeds import (
     t_interval,
     training_source,
 )
+from featsim.comparison import PARTS, SCALE_FREE, STATISTICS, feature_change
+from featsim.metrics import StatOptions
+from featsim.metrics.paired import PairedResampler
 
-FAST = dict(n_bootstrap=60, n_permutations=40, kid_subset_size=10, kid_subsets=5)
+FAST = dict(stats=StatOptions(n_bootstrap=60, n_permutations=40, kid_subset_size=10,
+                              kid_subsets=5))
 
 
 def _three(seed=0, n=24, m=20, d=5, shift=0.0):
@@ -36,7 +39,8 @@ def _three(seed=0, n=24, m=20, d=5, shift=0.0):
 def _change(seed=0, shift=0.0, **kwargs):
     before, control, after = _three(seed, shift=shift)
     return feature_change(*before, *after, control_source=control[0],
-                          control_target=control[1], seed=seed, **(FAST | kwargs))
+                          control_target=control[1],
+                          stats=FAST["stats"].replace(seed=seed, **kwargs))
 
 
 def test_parts_add_up_for_every_statistic():
@@ -59,7 +63,7 @@ def test_parts_add_up_per_bootstrap_resample():
     sets = {("before", "source"): before[0], ("before", "target"): before[1],
             ("control", "source"): control[0], ("control", "target"): control[1],
             ("after", "source"): after[0], ("after", "target"): after[1]}
-    pairs = _Pairwise(sets, "euclidean")
+    pairs = PairedResampler(sets, "euclidean")
     rng = np.random.default_rng(0)
     counts = {"source": rng.multinomial(24, np.full(24, 1 / 24), size=5).astype(float),
               "target": rng.multinomial(20, np.full(20, 1 / 20), size=5).astype(float)}

@@ -31,21 +31,13 @@ def test_ruff_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_readme_library_example_runs(capsys):
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"<!-- runnable[^>]*-->\s*```python\n(.+?)\n```", text, re.S)
-    assert blocks, "README.md should show a library example"
-    for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
-    assert "D = " in capsys.readouterr().out
-
-
 def test_readme_main_job_needs_no_extras():
     """The main-job command installs plain featsim (no [torch], no [tfds]) and runs
-    `featsim distance`; test_cli_distance.py runs that job's default in-process."""
+    `featsim distance` with no flags; test_cli_distance.py runs that job in-process.
+    (Every README code block runs in tests/test_docs.py.)"""
     text = (ROOT / "README.md").read_text()
     match = re.search(r"<!-- main-job -->\s*```(?:bash|sh)?\n(.+?)\n```", text, re.S)
     assert match, "README.md must mark its main-job command with <!-- main-job -->"
     command = match.group(1)
     assert 'pip install -e .' in command and "[" not in command
-    assert "featsim distance --backbone efficientnet_lite0" in command
+    assert command.rstrip().endswith("&& featsim distance"), command

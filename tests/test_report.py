@@ -7,6 +7,7 @@ import pytest
 
 from featsim import metrics
 from featsim.cli import main
+from featsim.metrics import StatOptions
 from featsim.report import similarity_report
 
 
@@ -19,8 +20,8 @@ def sets():
 
 def test_fields_equal_library_values(sets):
     x, y = sets
-    r = similarity_report(x, y, n_bootstrap=20, n_permutations=20, kid_subset_size=50,
-                          kid_subsets=10, seed=3)
+    r = similarity_report(x, y, stats=StatOptions(n_bootstrap=20, n_permutations=20,
+                                                  kid_subset_size=50, kid_subsets=10, seed=3))
     s = metrics.distance_summary(x, y)
     assert r.distance == s.between and r.energy_distance == s.energy and r.ratio == s.ratio
     assert r.distance_source == metrics.within_distance(x)
@@ -53,9 +54,8 @@ def test_every_interval_contains_its_estimate_or_says_why():
     rng = np.random.default_rng(1)
     for n, m, d in ((3, 6, 16), (40, 30, 64), (120, 90, 10)):
         x, y = rng.normal(size=(n, d)), rng.normal(0.3, 1.1, size=(m, d))
-        with pytest.warns(UserWarning) if min(n, m) <= d else _no_warning():
-            r = similarity_report(x, y, n_bootstrap=50, kid_subset_size=min(n, m),
-                                  kid_subsets=5, seed=0)
+        r = similarity_report(x, y, stats=StatOptions(
+            n_bootstrap=50, kid_subset_size=min(n, m), kid_subsets=5, seed=0))
         table = r.to_table()
         for name, ci in r.ci.items():
             value = getattr(r, name)
@@ -67,17 +67,26 @@ def test_every_interval_contains_its_estimate_or_says_why():
             assert "not calibrated" in r.ci["fid"].note
 
 
-class _no_warning:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def test_small_sample_facts_are_reported_not_warned(recwarn):
+    """n <= d for FID and a KID subset larger than a set: each run states it in the table and
+    JSON; nothing is printed as a warning (every real run used to print two)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 32)), rng.normal(size=(9, 32))
+    r = similarity_report(x, y)  # default kid_subset_size 1000
+    assert not [w for w in recwarn.list if issubclass(w.category, UserWarning)], [
+        str(w.message) for w in recwarn.list]
+    assert r.kid_subset_size == 9 and r.kid_subset_size_requested == 1000
+    facts = r.to_dict()["facts"]
+    assert len(facts) == 2 and "n <= d" in facts[0] and "KID subsets of 9" in facts[1]
+    assert all(f"note: {fact}" in r.to_table() for fact in facts)
+    big = similarity_report(rng.normal(size=(40, 4)), rng.normal(size=(50, 4)),
+                            stats=StatOptions(kid_subset_size=40))
+    assert big.facts == ()
 
 
 def test_no_bootstrap_means_no_intervals(sets):
     x, y = sets
-    r = similarity_report(x, y, kid_subset_size=50, kid_subsets=5)
+    r = similarity_report(x, y, stats=StatOptions(kid_subset_size=50, kid_subsets=5))
     assert r.ci == {} and r.energy_pvalue is None
     assert "bootstrap" not in r.to_table()
 

@@ -1,5 +1,6 @@
 """Flax backbones that compute what torchvision's ImageNet models compute."""
 
+from featsim import _guard  # noqa: F401  (first: names a namespace-package import)
 from featsim.backbones.convert import (
     KeyMapping,
     abstract_variables,

@@ -70,6 +70,8 @@ class Source:
         items: the images, in a deterministic order (sorted paths, array order).
         class_names: label index -> class name (empty when unlabelled).
         description: one line for reports (where the images come from).
+        ignored: files in a folder source that are not images (``labels.csv`` aside), by
+            relative path: listed so that nothing is left out without a word.
     """
 
     spec: str
@@ -77,6 +79,7 @@ class Source:
     items: tuple[Item, ...]
     class_names: tuple[str, ...] = ()
     description: str = ""
+    ignored: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.items)

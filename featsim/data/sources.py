@@ -197,8 +197,11 @@ def _folder_source(spec: str, root: Path, exts: frozenset[str],
     root = root.absolute()
     files = _walk(root)
     images = [f for f in files if PurePosixPath(f).suffix.lower() in exts]
+    # Not images, so not used: listed on the Source (and in reports), never dropped unseen.
+    others = tuple(f for f in files if PurePosixPath(f).suffix.lower() not in exts
+                   and f != "labels.csv")
     if (root / "labels.csv").is_file():
-        return _csv_source(spec, root, images, exts, targets)
+        return _csv_source(spec, root, images, exts, targets, others)
     if targets:
         raise ValueError(f"{spec!r}: target columns {list(targets)} are read from a "
                          f"labels.csv, and {root} has none")
@@ -220,7 +223,7 @@ def _folder_source(spec: str, root: Path, exts: frozenset[str],
     if top:
         items = tuple(Item(id=f, path=root / f) for f in images)
         description = f"{len(items)} unlabelled images in {root}"
-        return Source(spec, "folder", items, description=description)
+        return Source(spec, "folder", items, description=description, ignored=others)
     classes = [PurePosixPath(f).parent.name for f in images]
     class_names = tuple(sorted(set(classes)))
     index = {c: i for i, c in enumerate(class_names)}
@@ -233,6 +236,7 @@ def _folder_source(spec: str, root: Path, exts: frozenset[str],
         items,
         class_names=class_names,
         description=f"{len(items)} images in {len(class_names)} class folders under {root}",
+        ignored=others,
     )
 
 
@@ -258,7 +262,7 @@ def _target_values(csv_path, line: int, row: dict, targets: tuple[str, ...]):
 
 
 def _csv_source(spec: str, root: Path, images: list[str], exts: frozenset[str],
-                targets: tuple[str, ...] = ()) -> Source:
+                targets: tuple[str, ...] = (), others: tuple[str, ...] = ()) -> Source:
     """Items from ``root/labels.csv``, sorted by file."""
     csv_path = root / "labels.csv"
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -335,6 +339,7 @@ def _csv_source(spec: str, root: Path, images: list[str], exts: frozenset[str],
         items,
         class_names=class_names,
         description=f"{len(items)} images listed in {csv_path} ({len(set(labels))} classes)",
+        ignored=tuple(sorted(others + tuple(unlisted))),
     )
 
 

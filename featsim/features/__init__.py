@@ -1,5 +1,6 @@
 """Feature sets: extraction from images (cached, resumable) and loading saved arrays."""
 
+from featsim import _guard  # noqa: F401  (first: names a namespace-package import)
 from featsim.features.cache import FeatureCache, default_cache_dir
 from featsim.features.extract import (
     POOLING,

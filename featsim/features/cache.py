@@ -31,7 +31,7 @@ import numpy as np
 
 __all__ = ["CACHE_FORMAT", "Chunk", "FeatureCache", "default_cache_dir"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: chunks keep each image's original size
 
 
 def default_cache_dir() -> Path:
@@ -53,12 +53,15 @@ class Chunk:
         ok: bool ``[k]``: the item was decoded (False: skipped, see ``errors``).
         errors: one message per item, empty where ``ok``.
         layers: layer name -> float32 ``[ok.sum(), d]``.
+        sizes: int ``[k, 2]``: each image's (height, width) before resizing; 0 where not
+            ``ok`` (reported when far below the backbone's input size).
     """
 
     hashes: tuple[str, ...]
     ok: np.ndarray
     errors: tuple[str, ...]
     layers: Mapping[str, np.ndarray]
+    sizes: np.ndarray
 
 
 class FeatureCache:
@@ -96,6 +99,7 @@ class FeatureCache:
                     ok=z["ok"].astype(bool),
                     errors=tuple(str(e) for e in z["errors"]),
                     layers={name: z[f"layer/{name}"] for name in layers},
+                    sizes=z["sizes"],
                 )
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
             warnings.warn(f"ignoring unreadable feature cache chunk {path}: {err}", stacklevel=2)
@@ -113,6 +117,7 @@ class FeatureCache:
             "hashes": np.array(chunk.hashes, dtype=np.str_),
             "ok": np.asarray(chunk.ok, bool),
             "errors": np.array(chunk.errors, dtype=np.str_),
+            "sizes": np.asarray(chunk.sizes, np.int64).reshape(-1, 2),
         }
         arrays.update({f"layer/{k}": np.asarray(v) for k, v in chunk.layers.items()})
         path = self.path(chunk.hashes)

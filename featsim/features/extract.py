@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -40,6 +41,10 @@ __all__ = ["POOLING", "Features", "SkippedItem", "extract_features", "feature_la
 # How a spatial map [n, h, w, c] becomes a vector: "avg" = global average over h, w (the
 # backbones' own pre_logits pooling); "flatten" = all h*w*c values.
 POOLING = ("avg", "flatten")
+#: Images whose shorter side is below this share of the backbone's input size are reported
+#: (upscaled more than 8x: a 1 x 1 image, a thumbnail; MedMNIST's 28 px at 224 is not).
+SMALL_FRACTION = 1 / 8
+_SHOW = 5  # how many file names a summary lists
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +129,14 @@ def _variables_sha256(variables) -> str:
         digest.update(f"{jax.tree_util.keystr(path)}{a.dtype.str}{a.shape}".encode())
         digest.update(a.tobytes())
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_forward(module, layers: tuple[str, ...], pooling: str):
+    """One compiled forward pass per (module, layers, pooling), shared by calls: extracting
+    the target after the source, or a second run in one process, does not recompile.
+    Flax modules hash by their fields, so equal configurations share the entry."""
+    return parallel.data_parallel(_forward(module, layers, pooling))
 
 
 def _forward(module, layers: tuple[str, ...], pooling: str):
@@ -252,7 +265,7 @@ def extract_features(
         decoded = _prefetch(pool, items, todo, transform, read_errors, lookahead=2 * batch_size)
         variables = jax.device_put(
             backbone.variables, NamedSharding(parallel.local_mesh(), PartitionSpec()))
-        forward = parallel.data_parallel(_forward(backbone.module, layers, pooling))
+        forward = _compiled_forward(backbone.module, layers, pooling)
         bar = tqdm(total=len(items), desc=f"{backbone.name} {source.spec}", unit="img",
                    disable=not progress)
         for c, s in enumerate(starts):
@@ -277,6 +290,8 @@ def extract_features(
         raise ValueError(f"all {len(items)} images of {source.spec!r} were skipped; first: "
                          f"{skipped[0].name}: {skipped[0].reason}")
     keep = np.flatnonzero(ok)
+    sizes = np.concatenate([c.sizes for c in chunks])
+    small = _small_images(items, sizes, ok, transform.input_size)
     labels = source.labels
     feats = {name: np.concatenate([c.layers[name] for c in chunks if c.ok.any()])
              for name in layers}
@@ -292,7 +307,10 @@ def extract_features(
         "pooling": pooling,
         "preprocessing": transform.to_dict(),
         "source": {"spec": str(source.spec), "kind": source.kind,
-                   "description": source.description, "n_items": len(items)},
+                   "description": source.description, "n_items": len(items),
+                   "ignored_files": len(source.ignored),
+                   "ignored_examples": list(source.ignored[:_SHOW])},
+        "small_images": small,
         "n": len(keep),
         "skipped": len(skipped),
         "content_sha256": hashlib.sha256("\n".join(hashes).encode()).hexdigest(),
@@ -311,12 +329,27 @@ def extract_features(
     )
 
 
+def _small_images(items, sizes: np.ndarray, ok: np.ndarray, input_size: int) -> dict:
+    """Images whose shorter side is below ``SMALL_FRACTION`` of the input size: counted,
+    a few named, and warned about once (they are upscaled, e.g. a 1 x 1 image to 224 px)."""
+    threshold = max(1, int(input_size * SMALL_FRACTION))
+    small = np.flatnonzero(ok & (sizes.min(axis=1) < threshold))
+    names = [f"{items[i].id} ({sizes[i, 0]}x{sizes[i, 1]})" for i in small[:_SHOW]]
+    if len(small):
+        warnings.warn(
+            f"{len(small)} of {int(ok.sum())} images have a side below {threshold} px and are "
+            f"upscaled to the {input_size} px input: " + ", ".join(names)
+            + (" ..." if len(small) > _SHOW else ""), stacklevel=3)
+    return {"count": len(small), "below_px": threshold, "examples": names}
+
+
 def _load(item: Item, transform: Transform, read_error: str | None):
-    """``(pixels, None)`` or ``(None, reason)``: never raises for a bad image."""
+    """``((pixels, (h, w)), None)`` or ``(None, reason)``: never raises for a bad image."""
     if read_error is not None:
         return None, read_error
     try:
-        return transform(load_rgb(item)), None
+        rgb = load_rgb(item)
+        return (transform(rgb), rgb.shape[:2]), None
     except (ValueError, OSError) as err:  # ImageDecodeError is a ValueError
         return None, f"{item.name}: {err}" if item.name not in str(err) else str(err)
 
@@ -346,7 +379,8 @@ def _compute_chunk(forward, variables, decoded, hashes, batch_size, layers, skip
                              "and list them)")
         pixels.append(x)
         errors.append(err or "")
-    good = [x for x in pixels if x is not None]
+    sizes = np.array([(0, 0) if x is None else x[1] for x in pixels], np.int64).reshape(-1, 2)
+    good = [x[0] for x in pixels if x is not None]
     outs, pending = [], None
     for b in range(0, len(good), batch_size):
         batch, n = parallel.pad_batch(np.stack(good[b : b + batch_size]), batch_size)
@@ -362,4 +396,4 @@ def _compute_chunk(forward, variables, decoded, hashes, batch_size, layers, skip
         for name in layers
     }
     return Chunk(hashes=tuple(hashes), ok=np.array([x is not None for x in pixels]),
-                 errors=tuple(errors), layers=feats)
+                 errors=tuple(errors), layers=feats, sizes=sizes)

@@ -51,6 +51,7 @@ from featsim.metrics._validation import (
     is_traced,
     widest_float,
 )
+from featsim.metrics.options import METRICS
 
 __all__ = [
     "METRICS",
@@ -61,7 +62,6 @@ __all__ = [
     "within_distance",
 ]
 
-METRICS = ("euclidean", "sqeuclidean", "cosine", "cityblock")
 _DEFAULT_BLOCK = 1024
 _CITYBLOCK_COLUMNS = 64
 

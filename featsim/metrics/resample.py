@@ -69,6 +69,7 @@ __all__ = [
     "FIDInfinity",
     "IntervalEstimate",
     "TwoSampleResampler",
+    "distance_matrix_from_gram",
     "fid_infinity",
     "resampled_intervals",
 ]
@@ -131,7 +132,17 @@ class FIDInfinity:
 # --------------------------------------------------------------------------------------------
 
 
-def _distance_matrix(a, b, gab, sqa, sqb, metric, same):
+def distance_matrix_from_gram(a, b, gab, sqa, sqb, metric, same):
+    """float64 distances ``[len(a), len(b)]`` from Gram pieces (the one builder of the
+    resampling engines: :class:`TwoSampleResampler` and ``featsim.metrics.paired``).
+
+    Args:
+      a, b: the rows (used only by metrics without a Gram form, through ``cdist``).
+      gab: ``a @ b.T`` (euclidean forms: of rows centred on a common mean; cosine: raw).
+      sqa, sqb: the squared row norms of the same rows as ``gab``.
+      metric: ``euclidean``, ``sqeuclidean``, ``cosine`` or a ``cdist`` metric.
+      same: ``b`` is ``a`` (the diagonal is set to 0).
+    """
     if metric in ("euclidean", "sqeuclidean"):
         sq = sqa[:, None] + sqb[None, :] - 2.0 * gab
         np.maximum(sq, 0.0, out=sq)
@@ -186,9 +197,9 @@ class TwoSampleResampler:
             rx, ry = np.diag(gxx).copy(), np.diag(gyy).copy()
         else:
             gxx, gyy, gxy, rx, ry = self.gxx, self.gyy, self.gxy, sqx, sqy
-        self.kxx = _distance_matrix(x64, x64, gxx, rx, rx, metric, True)
-        self.kyy = _distance_matrix(y64, y64, gyy, ry, ry, metric, True)
-        self.kxy = _distance_matrix(x64, y64, gxy, rx, ry, metric, False)
+        self.kxx = distance_matrix_from_gram(x64, x64, gxx, rx, rx, metric, True)
+        self.kyy = distance_matrix_from_gram(y64, y64, gyy, ry, ry, metric, True)
+        self.kxy = distance_matrix_from_gram(x64, y64, gxy, rx, ry, metric, False)
         self.ux = x64 / np.linalg.norm(x64, axis=1, keepdims=True)
         self.uy = y64 / np.linalg.norm(y64, axis=1, keepdims=True)
         # KID's cubic kernel (a.b / d + 1)^3 on the raw rows: raw a.b from the centred Gram.

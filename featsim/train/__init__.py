@@ -1,5 +1,6 @@
 """Training loops that test the transfer claims: linear probe, partial, full, scratch, meanvar."""
 
+from featsim import _guard  # noqa: F401  (first: names a namespace-package import)
 from featsim.train.augment import AugmentConfig, augment_batch
 from featsim.train.autoencoder import ConvAutoencoder, ConvDecoder
 from featsim.train.batchnorm import recompute_batch_stats

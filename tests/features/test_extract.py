@@ -260,3 +260,24 @@ def test_two_devices_match_one(images, tmp_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=env, timeout=300)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_ignored_files_and_small_images_are_reported_not_silent(tmp_path):
+    """A .txt beside the images is listed, a 1 x 1 image is counted and warned about, and
+    both facts survive a cache hit (the original sizes are cached with the features)."""
+    folder = tmp_path / "imgs"
+    make_images(folder, 4, classes=("a",))
+    Image.fromarray(np.full((1, 1), 200, np.uint8)).save(folder / "a" / "dot.png")
+    (folder / "a" / "notes.txt").write_text("not an image")
+    (folder / "README").write_text("nor this")
+    bb = tiny_backbone()
+    for attempt in ("cold", "cached"):
+        small_warning = r"1 of 5 images have a side below .*a/dot\.png \(1x1\)"
+        with pytest.warns(UserWarning, match=small_warning):
+            feats = extract(bb, str(folder), tmp_path / "cache")
+        source = feats.manifest["source"]
+        assert source["ignored_files"] == 2, attempt
+        assert source["ignored_examples"] == ["README", "a/notes.txt"], attempt
+        small = feats.manifest["small_images"]
+        assert small["count"] == 1 and small["examples"] == ["a/dot.png (1x1)"], attempt
+        assert len(feats) == 5  # still used: reported, not dropped

@@ -32,3 +32,22 @@ def test_errors(tmp_path):
         load_features(tmp_path / "flat.npy")
     with pytest.raises(ValueError, match=r"expected a \.npy or \.npz"):
         load_features(tmp_path / "f.txt")
+
+
+def test_errors_name_the_file_and_the_fix(tmp_path):
+    """A text file named .npy, a folder, a pickle, a truncated archive: each error names it."""
+    (tmp_path / "notes.npy").write_text("1 2 3\n4 5 6\n")
+    with pytest.raises(ValueError, match=r"notes\.npy is not a \.npy array file.*text"):
+        load_features(tmp_path / "notes.npy")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"obj\.npy.*pickle"):
+        load_features(tmp_path / "obj.npy")
+    (tmp_path / "feats").mkdir()
+    with pytest.raises(ValueError, match=r"feats is a folder"):
+        load_features(tmp_path / "feats")
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=r"cut\.npz is not a readable \.npz"):
+        load_features(tmp_path / "cut.npz")
+    np.savez(tmp_path / "two.npz", a=np.zeros((3, 2)), b=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"--key NAME"):
+        load_features(tmp_path / "two.npz")
