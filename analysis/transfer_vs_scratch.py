@@ -289,6 +289,36 @@ def summarise(runs: list[dict]) -> dict:
             for k, (m, s) in summary.items()}
 
 
+CONTRAST_METRICS = ("accuracy", "roc_auc", "g_mean", "f1", "loss")
+
+
+def contrasts(groups: list[dict]) -> list[dict]:
+    """Every pair of strategies of one backbone and learning rate with >= 2 seeds each:
+    the difference of their mean test metrics with Welch's 95 % t-interval over seeds (the
+    test set is shared, so this is the spread over training runs, not over test images)."""
+    from featsim.compare_seeds import welch_interval
+
+    rows = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            if (a["backbone"], a["learning_rate"]) != (b["backbone"], b["learning_rate"]):
+                continue
+            if min(len(a["runs"]), len(b["runs"])) < 2:
+                continue
+            for key in CONTRAST_METRICS:
+                x = [float(r[f"test_{key}"]) for r in a["runs"]]
+                y = [float(r[f"test_{key}"]) for r in b["runs"]]
+                if not all(map(math.isfinite, x + y)):
+                    continue
+                diff, low, high = welch_interval(x, y)
+                rows.append({"backbone": a["backbone"], "learning_rate": a["learning_rate"],
+                             "first": a["label"], "second": b["label"], "metric": key,
+                             "difference": diff, "low": low, "high": high,
+                             "seeds": f"{len(x)} vs {len(y)}",
+                             "separated": bool(low > 0 or high < 0)})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Tables and figure.
 # --------------------------------------------------------------------------------------------
@@ -347,6 +377,22 @@ def markdown(result: dict) -> str:
     if any(g["lr_variant"] for g in result["groups"]):
         lines += ["## Table 3 protocol (learning rate x 0.1)", "",
                   common.markdown_table(header, measured(True) + published("Table 3")), ""]
+    if result.get("contrasts"):
+        def fmt(key, v):
+            return f"{v * 100:+.1f} pp" if key in PERCENT else f"{v:+.3f}"
+        lines += ["## Contrasts over seeds (Welch 95 % t-interval)", "",
+                  "Difference of mean test metrics, first minus second; the interval is over "
+                  "training runs (the test split is shared). *separated*: the interval "
+                  "excludes 0.", "",
+                  common.markdown_table(
+                      ["Model", "lr", "first - second", "metric", "difference",
+                       "95% interval", "seeds", "separated"],
+                      [[c["backbone"], f"{c['learning_rate']:g}",
+                        f"{c['first']} - {c['second']}", LABELS[c["metric"]],
+                        fmt(c["metric"], c["difference"]),
+                        f"[{fmt(c['metric'], c['low'])}, {fmt(c['metric'], c['high'])}]",
+                        c["seeds"], "yes" if c["separated"] else "no"]
+                       for c in result["contrasts"]]), ""]
     lines += ["## Notes", "",
               "- Strategies: " + "; ".join(f"`{k}` = {v}" for k, v in STRATEGY_TEXT.items()) + ".",
               "- The paper names no optimiser or learning rate; featsim uses Adam at 1e-3 "
@@ -567,6 +613,7 @@ def main(argv=None) -> int:
                           "11(4):406, " + t + " (typed in; published, not measured)",
                           "rows": published_rows(t)} for t, v in PUBLISHED.items()},
     }
+    result["contrasts"] = contrasts(groups)
     result["provenance"] = common.provenance(clock, data=data)
 
     rows = []
@@ -584,6 +631,8 @@ def main(argv=None) -> int:
          "learning_rate": g["learning_rate"], **{k: v for k, v in r.items()
                                                  if not isinstance(v, dict)}}
         for g in groups for r in g["runs"]])
+    if result["contrasts"]:
+        common.write_csv(out / "contrasts.csv", result["contrasts"])
     figure = plot(result, out / "test_metrics.png")
     result["figures"] = [figure.name] if figure else []
     return common.finish(out, result, markdown, NAME, clock)

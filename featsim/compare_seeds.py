@@ -64,6 +64,7 @@ __all__ = [
     "seed_summary",
     "t_interval",
     "training_source",
+    "welch_interval",
 ]
 
 MIN_SEEDS = 3
@@ -93,6 +94,35 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
     half = float(scipy.stats.t.ppf(0.5 + confidence / 2, x.size - 1)
                  * x.std(ddof=1) / math.sqrt(x.size))
     return mean, mean - half, mean + half
+
+
+def welch_interval(a, b, confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(mean(a) - mean(b), low, high)``: Welch's t-interval of a difference of means, for
+    two groups of runs (e.g. two training strategies over seeds; unequal variances).
+
+    Args:
+        a, b: float arrays of at least 2 finite values each.
+        confidence: two-sided level in (0, 1).
+
+    Raises:
+        ValueError: fewer than 2 values in a group, non-finite values, a bad ``confidence``.
+    """
+    x, y = (np.asarray(v, np.float64).ravel() for v in (a, b))
+    if min(x.size, y.size) < 2:
+        raise ValueError(f"a Welch interval needs at least 2 values per group, got {x.size} "
+                         f"and {y.size}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError(f"values must be finite, got {x.tolist()} and {y.tolist()}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    vx, vy = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    diff = float(x.mean() - y.mean())
+    se = math.sqrt(vx + vy)
+    if se == 0.0:
+        return diff, diff, diff
+    df = (vx + vy) ** 2 / (vx**2 / (x.size - 1) + vy**2 / (y.size - 1))
+    half = float(scipy.stats.t.ppf(0.5 + confidence / 2, df) * se)
+    return diff, diff - half, diff + half
 
 
 def holm(pvalues) -> np.ndarray:

@@ -16,6 +16,7 @@ from featsim.compare_seeds import (
     seed_summary,
     t_interval,
     training_source,
+    welch_interval,
 )
 from featsim.comparison import PARTS, SCALE_FREE, STATISTICS, feature_change
 from featsim.metrics import StatOptions
@@ -114,6 +115,17 @@ def test_t_interval_matches_scipy():
     assert mean == pytest.approx(values.mean(), rel=1e-15)
     with pytest.raises(ValueError, match="at least 2 values"):
         t_interval([1.0])
+
+
+def test_welch_interval_matches_scipy():
+    a = np.array([0.838, 0.851, 0.862])
+    b = np.array([0.803, 0.816, 0.816, 0.79])
+    diff, low, high = welch_interval(a, b, 0.95)
+    ref = scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    np.testing.assert_allclose([low, high], [ref.low, ref.high], rtol=1e-12)
+    assert diff == pytest.approx(a.mean() - b.mean(), rel=1e-15)
+    with pytest.raises(ValueError, match="at least 2 values per group"):
+        welch_interval([1.0], [1.0, 2.0])
 
 
 def _holm_reference(p):
