@@ -18,12 +18,14 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from featsim.data import subsets
 from featsim.data.items import Item, Source
 
 __all__ = ["IMAGE_EXTENSIONS", "NPZ_SPLITS", "open_source"]
@@ -39,6 +41,10 @@ _LABEL_COLUMNS = ("label", "class_index", "class")
 _NAME_COLUMNS = ("name", "class_name")
 _GROUP_COLUMNS = ("group", "patient_id", "patient")
 _SHOW = 5  # how many names an error or warning lists
+# The spec a subset records (featsim.data.subsets): "BASE [stratified subset: n of N, seed S]".
+# open_source reopens it, so a run's recorded training split names the same images again.
+_SUBSET_SPEC = re.compile(r"(?P<base>.+) \[(?P<kind>stratified|quick) subset: (?P<n>\d+) of "
+                          r"(?P<total>\d+)(?:, seed (?P<seed>\d+))?\]")
 
 
 def open_source(
@@ -114,6 +120,8 @@ def open_source(
         from featsim.data.embedded import embedded_source
 
         return embedded_source(spec.removeprefix("embedded:"))
+    elif (recorded := _SUBSET_SPEC.fullmatch(spec)) is not None:
+        return _recorded_subset(spec, recorded, data_dir, extensions, target_column)
     else:
         path, sub = _split_spec(spec)
     spec = os.fspath(spec)
@@ -134,6 +142,22 @@ def open_source(
         f"{spec!r}: {path} is not a folder, a .npz file or an image "
         f"(image extensions: {' '.join(sorted(exts))})"
     )
+
+
+def _recorded_subset(spec: str, recorded, data_dir, extensions, target_column) -> Source:
+    """Reopens a subset from the spec it recorded; checks the base still has N items."""
+    base = open_source(recorded["base"], data_dir=data_dir, extensions=extensions,
+                       target_column=target_column)
+    n, total, seed = int(recorded["n"]), int(recorded["total"]), recorded["seed"]
+    if len(base) != total:
+        raise ValueError(f"{spec!r}: the subset was drawn from {total} items, but "
+                         f"{recorded['base']!r} now has {len(base)}; it cannot be reopened")
+    if seed is None:
+        raise ValueError(f"{spec!r}: the spec records no seed, so the subset cannot be "
+                         "reopened; pass the source and draw the subset again")
+    pick = (subsets.proportional_subset if recorded["kind"] == "stratified"
+            else subsets.balanced_subset)
+    return pick(base, n, seed=int(seed))
 
 
 def _split_spec(spec: str) -> tuple[Path, str]:

@@ -37,7 +37,8 @@ def balanced_subset(source, n: int, *, seed: int = 0) -> Source:
 
     Round robin over the classes (sorted by label) in a seeded order within each class; the
     chosen items are kept in source order and the spec says it is a subset
-    (``"SPEC [quick subset: n of N]"``). A source of at most ``n`` items comes back as is.
+    (``"SPEC [quick subset: n of N, seed S]"``, which :func:`featsim.data.open_source`
+    reopens). A source of at most ``n`` items comes back as is.
 
     Args:
       source: a :class:`~featsim.data.Source` or spec.
@@ -58,14 +59,16 @@ def balanced_subset(source, n: int, *, seed: int = 0) -> Source:
                 chosen.append(int(q.pop()))
     items = tuple(source.items[i] for i in sorted(chosen))
     return dataclasses.replace(source, items=items,
-                               spec=f"{source.spec} [quick subset: {n} of {len(source)}]")
+                               spec=f"{source.spec} [quick subset: {n} of {len(source)}, "
+                                    f"seed {seed}]")
 
 
 def proportional_subset(source, n: int, *, seed: int = 0) -> Source:
     """At most ``n`` items in the source's own class proportions (largest remainders).
 
     Chosen with a seeded permutation per class and kept in source order; the spec says it is
-    a subset (``"SPEC [stratified subset: n of N, seed S]"``). Training on it keeps the class
+    a subset (``"SPEC [stratified subset: n of N, seed S]"``, which
+    :func:`featsim.data.open_source` reopens). Training on it keeps the class
     imbalance that a class-weighted loss is there for.
 
     Args:

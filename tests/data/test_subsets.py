@@ -43,6 +43,19 @@ def test_balanced_and_proportional_subsets(folder):
         balanced_subset(folder, 0)
 
 
+def test_a_recorded_subset_spec_reopens_the_same_images(folder):
+    """A run records its training split's spec; reopening it gives the same images (the
+    BN-adapted control of featsim compare is built from it)."""
+    for subset in (proportional_subset(folder, 8, seed=3), balanced_subset(folder, 6, seed=2)):
+        again = open_source(subset.spec)
+        assert [it.id for it in again.items] == [it.id for it in subset.items]
+        assert again.spec == subset.spec
+    with pytest.raises(ValueError, match=r"drawn from 17 items.*now has 16"):
+        open_source(f"{folder.spec} [stratified subset: 8 of 17, seed 0]")
+    with pytest.raises(ValueError, match="records no seed"):
+        open_source(f"{folder.spec} [quick subset: 6 of 16]")
+
+
 def test_source_digest_is_the_features_content_hash(folder):
     d = source_digest(folder)
     hashes = [hashlib.sha256(it.read_bytes()).hexdigest() for it in folder.items]
