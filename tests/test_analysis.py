@@ -269,8 +269,8 @@ def test_feature_similarity_quick(ws, trained):
     check_provenance(result["provenance"], "feature_similarity.py")
     rows = read_csv(out / "distances.csv")
     between = [r for r in rows if r["kind"] == "between domains"]
-    assert [r["comparison"] for r in between] == ["ImageNet val vs chest X-ray",
-                                                  "ImageNet val vs CT"]
+    assert [r["comparison"] for r in between] == ["Imagenette val vs chest X-ray",
+                                                  "Imagenette val vs CT"]
     for r in between:
         d, low, high = float(r["distance"]), float(r["distance_low"]), float(r["distance_high"])
         assert d > 0 and low <= high
@@ -279,7 +279,7 @@ def test_feature_similarity_quick(ws, trained):
         assert 0 <= float(r["distance_cosine"]) <= 2 and float(r["fid"]) >= 0
     halves = [r for r in rows if r["kind"].startswith("split-half")]
     assert {r["comparison"] for r in halves} == {
-        "ImageNet val half A vs half B", "chest X-ray half A vs half B", "CT half A vs half B"}
+        "Imagenette val half A vs half B", "chest X-ray half A vs half B", "CT half A vs half B"}
     comps = {c["model"]: c for c in result["comparisons"]}
     assert set(comps) == {f"{s} seed {k}" for s in ("linear", "finetune", "scratch")
                           for k in (0, 1)}
