@@ -276,6 +276,24 @@ def test_identical_backbones(lite0, images, cache_dir, tmp_path):
     json.dumps(untested.to_dict())
 
 
+def test_a_frozen_body_gets_no_normalisation_split(lite0, images, cache_dir):
+    """A run that kept the pretrained BatchNorm statistics (linear probe) has no normalisation
+    part: a control given for it is not applied, and the result says why (before: the total
+    0 was split into -x + x, a normalisation part the run never had)."""
+    from featsim.adapt import adapt_batch_stats
+    from featsim.comparison.networks import same_batch_stats
+
+    control = adapt_batch_stats(lite0, images[1], max_images=4, batch_size=4)
+    assert same_batch_stats(lite0, lite0) and not same_batch_stats(lite0, control.backbone)
+    r = compare_backbones(lite0, lite0, *images, layer="stage7", cache_dir=cache_dir,
+                          control=control, **FAST)
+    assert r.control is None and "kept the pretrained BatchNorm statistics" in r.control_skipped
+    assert "normalisation" not in r.change.parts
+    out = r.to_dict()
+    assert out["control"] is None and out["control_skipped"] == r.control_skipped
+    assert "control not applied" in r.to_table()
+
+
 def test_rescaled_backbone_lowers_raw_d_only(lite0, halved_stage7, images, cache_dir):
     r = compare_backbones(lite0, halved_stage7, *images, layer="stage7", cache_dir=cache_dir,
                           **FAST)

@@ -23,6 +23,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import jax
+import numpy as np
+
 from featsim import metrics
 from featsim.backbones.registry import Backbone
 from featsim.comparison.change import PAIRED_DEFAULTS, check_paired_options, feature_change
@@ -31,7 +34,22 @@ from featsim.comparison.result import ComparisonResult
 from featsim.features.extract import extract_features, feature_layers
 from featsim.metrics.options import StatOptions
 
-__all__ = ["compare_backbones", "depth_order"]
+__all__ = ["compare_backbones", "depth_order", "same_batch_stats"]
+
+
+def same_batch_stats(a: Backbone, b: Backbone) -> bool:
+    """Whether two backbones hold the same BatchNorm statistics: every ``batch_stats`` leaf
+    they share (by path) is bit-identical, and they share at least one. A frozen-body run
+    (``linear``) keeps the pretrained statistics; a BN-adapted control then splits nothing."""
+    def leaves(backbone):
+        stats = (backbone.variables or {}).get("batch_stats", {})
+        return {jax.tree_util.keystr(path): np.asarray(leaf)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(stats)[0]}
+
+    ours, theirs = leaves(a), leaves(b)
+    shared = ours.keys() & theirs.keys()
+    return bool(shared) and all(ours[k].shape == theirs[k].shape
+                                and np.array_equal(ours[k], theirs[k]) for k in shared)
 
 
 def compare_backbones(
@@ -80,6 +98,11 @@ def compare_backbones(
     """
     # Checked before minutes of extraction, not after.
     check_paired_options(stats)
+    control_skipped = None
+    if control is not None and same_batch_stats(pretrained, finetuned):
+        control, control_skipped = None, (
+            "the fine-tuned network kept the pretrained BatchNorm statistics (frozen body), "
+            "so the change has no normalisation part; the total change is the weight part")
     if cka_layers is None:
         ours = feature_layers(pretrained)  # traces the model: ~1-3 s on CPU
         # A registry name fixes the feature taps whatever the head; trace again only if not.
@@ -127,7 +150,7 @@ def compare_backbones(
         before_source=feats["before", "source"], before_target=before_t,
         after_source=feats["after", "source"], after_target=after_t,
         finetuned_metadata=checkpoint_metadata(finetuned), control=control,
-        control_source=feats.get(("control", "source")),
+        control_source=feats.get(("control", "source")), control_skipped=control_skipped,
         control_target=feats.get(("control", "target")))
 
 

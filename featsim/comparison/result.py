@@ -154,6 +154,9 @@ class ComparisonResult:
         finetuned_metadata: the fine-tuned checkpoint's metadata (strategy, config), if any.
         control: the :class:`featsim.adapt.BNControl` (how the control was made), or None.
         control_source, control_target: the control's features, or None.
+        control_skipped: why a control that was given was not applied (the fine-tuned
+            network kept the pretrained BatchNorm statistics, so there is no normalisation
+            part to split off), or None.
     """
 
     change: FeatureChange
@@ -168,6 +171,7 @@ class ComparisonResult:
     control: object = None
     control_source: Features | None = None
     control_target: Features | None = None
+    control_skipped: str | None = None
 
     @property
     def before(self) -> SimilarityReport:
@@ -233,6 +237,7 @@ class ComparisonResult:
             "finetuned": backbone_entry(self.after_source, c.after,
                                         {"metadata": self.finetuned_metadata}),
             "control": control,
+            "control_skipped": self.control_skipped,
             "deltas": {k: dataclasses.asdict(d) for k, d in c.deltas.items()},
             "parts": {part: {k: dataclasses.asdict(d) for k, d in deltas.items()}
                       for part, deltas in c.parts.items()},
@@ -302,6 +307,8 @@ class ComparisonResult:
             f"{_skips(self.before_target)})",
         ]
         ctl = c.control is not None
+        if self.control_skipped:
+            head.append(f"BN-adapted control not applied: {self.control_skipped}")
         if ctl:
             head.append(f"BN-adapted control: {self.control.describe()}")
             rows = [("statistic", "pretrained", "BN-adapted", "fine-tuned", "total change",
