@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from featsim.metrics.resample import distance_matrix_from_gram
+from featsim.metrics.resample import distance_matrix_from_gram, pairwise_forms
 
 __all__ = [
     "PAIRED_CI_METHODS",
@@ -136,14 +136,7 @@ class PairedResampler:
             within_s = s_ss / (n * n - _sum_sq_per_image(src))
             within_t = s_tt / (m * m - _sum_sq_per_image(tgt))
             energy = 2.0 * between - within_s * (n - 1) / n - within_t * (m - 1) / m
-            out = {
-                "distance": between,
-                "distance_source": within_s,
-                "distance_target": within_t,
-                "ratio": between / (0.5 * (within_s + within_t)),
-                "energy_distance": energy,
-                "energy_coefficient": energy / (2.0 * between),
-            }
+            out = pairwise_forms(between, within_s, within_t, energy)
         out["distance_cosine"] = 1.0 - np.einsum("rd,rd->r", self.mean_unit(src),
                                                  self.mean_unit(tgt))
         return out

@@ -71,6 +71,7 @@ __all__ = [
     "TwoSampleResampler",
     "distance_matrix_from_gram",
     "fid_infinity",
+    "pairwise_forms",
     "resampled_intervals",
 ]
 
@@ -130,6 +131,20 @@ class FIDInfinity:
 # --------------------------------------------------------------------------------------------
 # Precomputed pieces.
 # --------------------------------------------------------------------------------------------
+
+
+def pairwise_forms(between, within_x, within_y, energy) -> dict:
+    """D, both within-set distances, their ratio, the energy distance and its coefficient
+    from the pair means (arrays of resamples or scalars); shared by both resampling engines,
+    which differ only in how they estimate the terms."""
+    return {
+        "distance": between,
+        "distance_source": within_x,
+        "distance_target": within_y,
+        "ratio": between / (0.5 * (within_x + within_y)),
+        "energy_distance": energy,
+        "energy_coefficient": energy / (2.0 * between),
+    }
 
 
 def distance_matrix_from_gram(a, b, gab, sqa, sqb, metric, same):
@@ -346,12 +361,7 @@ def _pairwise_from_sums(sw, sv, px, py, sxy, sxx, syy, kxy, kxx, kyy, cosine):
         wx, wy = sxx / px, syy / py
         energy = 2.0 * between - wx - wy
         return {
-            "distance": between,
-            "distance_source": wx,
-            "distance_target": wy,
-            "ratio": between / (0.5 * (wx + wy)),
-            "energy_distance": energy,
-            "energy_coefficient": energy / (2.0 * between),
+            **pairwise_forms(between, wx, wy, energy),
             "distance_cosine": cosine,
             "kid": kxx / px + kyy / py - 2.0 * kxy / (sw * sv),
             "energy_distance_v": 2.0 * between - sxx / (sw * sw) - syy / (sv * sv),
