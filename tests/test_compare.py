@@ -88,8 +88,12 @@ def _perturbed_finetuned_variables():
 
     def perturb(path, leaf):
         leaf = np.asarray(leaf)
-        if jax.tree_util.keystr(path).endswith("['kernel']") and "fc" not in str(path):
+        key = jax.tree_util.keystr(path)
+        if key.endswith("['kernel']") and "fc" not in str(path):
             leaf = leaf * (1 + 0.2 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+        if key.startswith("['batch_stats']") and key.endswith("['mean']"):
+            # A full fine-tune updates the running statistics too (so the control applies).
+            leaf = leaf + (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
         return leaf
 
     return jax.tree_util.tree_map_with_path(perturb, bb.variables)
