@@ -116,6 +116,7 @@ def _extract_command(args) -> int:
 
 
 def _train_command(args) -> int:
+    from featsim.rundir import RunDir
     from featsim.train import AugmentConfig, TrainConfig, run_seeds
 
     if args.data is None and (args.train is None or args.test is None):
@@ -145,12 +146,13 @@ def _train_command(args) -> int:
     for name, (mean, std) in summary["summary"].items():
         spread = f" +- {std:.4f}" if std == std else ""  # nan with a single seed
         print(f"  {name:<24} {mean:.4f}{spread}")
-    print(f"wrote {Path(args.out) / 'summary.json'} (per seed: metrics.json, history.csv, "
+    print(f"wrote {RunDir(args.out).summary_file} (per seed: metrics.json, history.csv, "
           "model.msgpack)")
     return 0
 
 
 def _pretrain_command(args) -> int:
+    from featsim.rundir import RunDir
     from featsim.train import PretrainConfig, pretrain
 
     config = PretrainConfig(
@@ -162,7 +164,7 @@ def _pretrain_command(args) -> int:
         recompute_batch_stats=not args.no_recompute_bn)
     result = pretrain(config, args.out, args.data, weights=args.weights, resume=args.resume,
                       progress=not args.no_progress, data_dir=args.data_dir)
-    history = json.loads((Path(args.out) / "history.json").read_text())
+    history = RunDir(args.out).read_history()
     print(f"{config.backbone} autoencoder ({config.init} init, layer {result['layer']} "
           f"{tuple(result['code_shape'])}, {result['n_train']} images at "
           f"{result['image_size']} px): L1 per epoch")
