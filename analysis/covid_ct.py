@@ -224,7 +224,7 @@ def test_metrics(labels: np.ndarray, p: np.ndarray, seed: int, n_boot: int) -> d
                score_std=float(np.std(p)), predicted_positive=m["tp"] + m["fp"],
                saturated=float(np.mean((p == 0.0) | (p == 1.0))))
     if 0 < labels.sum() < len(labels):
-        ci = auc_ci(labels, p, n_boot=n_boot, seed=seed)
+        ci = auc_ci(labels, p, n_resamples=n_boot, seed=seed)
         out.update(roc_auc=ci.estimate, auc_ci_low=ci.low, auc_ci_high=ci.high)
     else:
         out.update(roc_auc=math.nan, auc_ci_low=math.nan, auc_ci_high=math.nan)

@@ -348,7 +348,7 @@ def markdown(result: dict) -> str:
               "(Table 3: 1e-4), batch 64, class-weighted BCE, section 5.7's augmentation and "
               "mean/std 0.5 normalisation unless listed under reductions.",
               "- The paper's G-mean cannot be recomputed from its own accuracy, precision and "
-              "recall (see featsim.train.evaluation); featsim's is sqrt(recall x specificity). "
+              "recall (see featsim.train.classification); featsim's is sqrt(recall x specificity). "
               "ROC AUC is featsim's addition (the paper reports none).", ""]
     if result["skipped"]:
         lines += ["## Skipped backbones", ""]

