@@ -16,7 +16,6 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import featsim  # first: featsim sets its XLA flags before JAX computes anything
 from featsim.jsonfile import write_json
+from featsim.rundir import RunDir
 
 ANALYSIS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = ANALYSIS_DIR.parent
@@ -361,9 +361,6 @@ def provenance_markdown(prov: Mapping) -> str:
 # Training runs written by transfer_vs_scratch.py.
 # --------------------------------------------------------------------------------------------
 
-RUN_RECORD = "analysis_run.json"
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One finished training run: its folder and what it was."""
@@ -381,25 +378,22 @@ class Run:
     def name(self) -> str:
         return f"{self.label} seed {self.seed}"
 
+    @property
+    def rundir(self) -> RunDir:
+        return RunDir(self.path)
+
 
 def find_runs(root: str | os.PathLike | None) -> list[Run]:
-    """Every finished run (``model.msgpack`` and ``metrics.json``) under ``root``, sorted."""
-    if root is None or not Path(root).is_dir():
-        return []
+    """Every finished run (:meth:`featsim.rundir.RunDir.find`) under ``root``, sorted by
+    backbone, label and seed."""
     runs = []
-    for model in sorted(Path(root).rglob("model.msgpack")):
-        folder = model.parent
-        if not (folder / "metrics.json").is_file():
-            continue
-        config = json.loads((folder / "config.json").read_text())
-        record = {}
-        if (folder / RUN_RECORD).is_file():
-            record = json.loads((folder / RUN_RECORD).read_text())
+    for rundir in RunDir.find(root):
+        config, record = rundir.read_config(), rundir.read_record()
         runs.append(Run(
-            path=folder, backbone=config["backbone"], strategy=config["strategy"],
+            path=rundir.path, backbone=config["backbone"], strategy=config["strategy"],
             learning_rate=float(config["learning_rate"]), seed=int(config["seed"]),
             weights=record.get("weights"), normalization=config.get("normalization", "paper"),
-            label=record.get("label", folder.parent.name)))
+            label=record.get("label", rundir.path.parent.name)))
     return sorted(runs, key=lambda r: (r.backbone, r.label, r.seed))
 
 

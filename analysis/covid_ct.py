@@ -82,7 +82,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -94,7 +93,7 @@ import numpy as np
 
 from featsim.data.digest import source_digest
 from featsim.data.subsets import balanced_subset
-from featsim.jsonfile import write_json
+from featsim.rundir import RunDir
 from featsim.train.predict import predict_binary
 
 NAME = "covid_ct"
@@ -225,7 +224,7 @@ def test_metrics(labels: np.ndarray, p: np.ndarray, seed: int, n_boot: int) -> d
                score_std=float(np.std(p)), predicted_positive=m["tp"] + m["fp"],
                saturated=float(np.mean((p == 0.0) | (p == 1.0))))
     if 0 < labels.sum() < len(labels):
-        ci = auc_ci(labels, p, n_boot=n_boot, seed=seed)
+        ci = auc_ci(labels, p, n_resamples=n_boot, seed=seed)
         out.update(roc_auc=ci.estimate, auc_ci_low=ci.low, auc_ci_high=ci.high)
     else:
         out.update(roc_auc=math.nan, auc_ci_low=math.nan, auc_ci_high=math.nan)
@@ -257,11 +256,12 @@ def train_cell(cell: Cell, seeds, epochs: int, args, source, splits, runs_dir: P
         record = {"cell": cell.name, "weights": cell.weights, "seed": seed, "quick": args.quick,
                   "data": digest, "test_ids": [it.id for it in test.items]}
         done = None
-        if args.resume and (workdir / "metrics.json").is_file():
+        run = RunDir(workdir)
+        if args.resume and run.metrics_file.is_file():
             try:
-                raw = json.loads((workdir / "config.json").read_text())
+                raw = run.read_config()
                 saved = TrainConfig.from_dict(raw)
-                test_ids = json.loads((workdir / common.RUN_RECORD).read_text())["test_ids"]
+                test_ids = run.read_record()["test_ids"]
                 # every field written out: a run saved before a field existed (e.g.
                 # recompute_bn_stats, whose default changed what is tested) is not reused
                 same = (saved == config and set(raw) == set(config.to_dict())
@@ -269,14 +269,13 @@ def train_cell(cell: Cell, seeds, epochs: int, args, source, splits, runs_dir: P
             except (OSError, KeyError, TypeError, ValueError):
                 same = False
             if same:
-                done = json.loads((workdir / "metrics.json").read_text())
+                done = run.read_metrics()
                 print(f"[{NAME}] reusing {workdir}", flush=True)
         if done is None:
             print(f"[{NAME}] training {cell.name} ({cell.backbone}) seed {seed}: "
                   f"{len(train)} train / {len(test)} test -> {workdir}", flush=True)
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "metrics.json").unlink(missing_ok=True)
-            write_json(workdir / common.RUN_RECORD, {
+            run.create().clear_metrics()
+            run.write_record({
                 **record, "backbone": cell.backbone, "strategy": cell.strategy,
                 "learning_rate": args.lr, "label": cell.name,
                 "written_by": common.command_line()})

@@ -169,11 +169,10 @@ def control_for(pretrained, run: common.Run, args, cache: dict):
     ``--adapt-bn``), one per backbone, weights, split and pixel scaling; None with
     ``--no-adapt-bn`` or when no split is known (said in the results)."""
     from featsim.adapt import adapt_batch_stats
-    from featsim.compare_seeds import training_source
 
     if args.no_adapt_bn:
         return None
-    spec = args.adapt_bn or training_source(run.path)
+    spec = args.adapt_bn or run.rundir.training_source()
     if spec is None:
         return None
     key = (run.backbone, run.weights, spec, run.normalization)
@@ -188,9 +187,9 @@ def control_for(pretrained, run: common.Run, args, cache: dict):
 
 def compare_run(pretrained, run: common.Run, source, target, args, control=None):
     """``(JSON-ready dict, ComparisonResult)`` of pretrained vs this run (and the control)."""
-    from featsim.comparison import compare_backbones, load_finetuned
+    from featsim.comparison import compare_backbones
 
-    finetuned = load_finetuned(run.path, backbone=run.backbone)
+    finetuned = run.rundir.load_model(backbone=run.backbone)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FID rank warnings at n < d
         result = compare_backbones(

@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     target = (balanced_subset(args.target, args.quick_n, seed=0) if args.quick
               else common.open_spec(args.target))
 
-    from featsim.comparison import depth_order, load_finetuned
+    from featsim.comparison import depth_order
     from featsim.features import feature_layers
     from featsim.pipeline import pretrained_backbone
 
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
                          + ", ".join(s.name for s in feats[None].skipped[:5]))
         for run in mine:
             print(f"[{NAME}] {backbone}: features of {run.name}", flush=True)
-            feats[run] = layer_features(load_finetuned(run.path, backbone=backbone), target,
+            feats[run] = layer_features(run.rundir.load_model(backbone=backbone), target,
                                         layers, args, run.normalization)
 
         def name(model):

@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -60,7 +58,7 @@ import _common as common
 
 from featsim.data.digest import source_digest
 from featsim.data.subsets import balanced_subset, proportional_subset
-from featsim.jsonfile import write_json
+from featsim.rundir import RunDir
 
 NAME = "transfer_vs_scratch"
 STRATEGIES = ("linear", "finetune", "scratch")
@@ -219,9 +217,10 @@ def same_run(workdir: Path, config, data: dict) -> bool:
     """Whether ``workdir`` holds (part of) a run of exactly ``config`` on exactly ``data``."""
     from featsim.train import TrainConfig
 
+    run = RunDir(workdir)
     try:
-        saved = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
-        record = json.loads((workdir / common.RUN_RECORD).read_text())
+        saved = TrainConfig.from_dict(run.read_config())
+        record = run.read_record()
     except (OSError, KeyError, TypeError, ValueError):
         return False
     return saved == config and record.get("data") == data
@@ -229,11 +228,10 @@ def same_run(workdir: Path, config, data: dict) -> bool:
 
 def finished_run(workdir: Path, config, data: dict) -> dict | None:
     """The metrics of a finished run of ``config`` on ``data`` in ``workdir``, else None."""
-    path = workdir / "metrics.json"
-    if not (path.is_file() and (workdir / "model.msgpack").is_file()
-            and same_run(workdir, config, data)):
+    run = RunDir(workdir)
+    if not (run.is_finished and same_run(workdir, config, data)):
         return None
-    return json.loads(path.read_text())
+    return run.read_metrics()
 
 
 def train_group(group: Group, seeds, args, train, test, runs_dir: Path, data) -> list[dict]:
@@ -252,9 +250,9 @@ def train_group(group: Group, seeds, args, train, test, runs_dir: Path, data) ->
             resume = args.resume and same_run(workdir, config, data)
             print(f"[{NAME}] training {group.backbone} {group.label} seed {seed} -> {workdir}"
                   + (" (resuming)" if resume else ""), flush=True)
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "metrics.json").unlink(missing_ok=True)
-            write_json(workdir / common.RUN_RECORD, {
+            run = RunDir(workdir).create()
+            run.clear_metrics()
+            run.write_record({
                 "backbone": group.backbone, "weights": group.weights,
                 "strategy": group.strategy, "learning_rate": group.learning_rate,
                 "lr_variant": group.lr_variant, "seed": seed, "label": group.label,
@@ -271,10 +269,7 @@ def train_group(group: Group, seeds, args, train, test, runs_dir: Path, data) ->
 def copy_histories(runs: list[dict], group: Group, out: Path) -> None:
     for run in runs:
         target = out / "histories" / group.backbone / group.label / f"seed_{run['seed']}"
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("history.csv", "metrics.json", "config.json"):
-            if (Path(run["workdir"]) / name).is_file():
-                shutil.copyfile(Path(run["workdir"]) / name, target / name)
+        RunDir(run["workdir"]).copy_records(target)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -399,7 +394,7 @@ def markdown(result: dict) -> str:
               "(Table 3: 1e-4), batch 64, class-weighted BCE, section 5.7's augmentation and "
               "mean/std 0.5 normalisation unless listed under reductions.",
               "- The paper's G-mean cannot be recomputed from its own accuracy, precision and "
-              "recall (see featsim.train.evaluation); featsim's is sqrt(recall x specificity). "
+              "recall (see featsim.train.classification); featsim's is sqrt(recall x specificity). "
               "ROC AUC is featsim's addition (the paper reports none).", ""]
     if result["skipped"]:
         lines += ["## Skipped backbones", ""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -17,6 +18,16 @@ from featsim._args import (
     non_negative,
     positive,
     seed_list,
+)
+from featsim.train.config import (  # plain values: no JAX while the parser is built
+    CLASS_WEIGHTINGS,
+    HEADS,
+    IMAGE_DTYPES,
+    INITS,
+    NORMALIZATIONS,
+    SCHEDULES,
+    STRATEGIES,
+    TrainConfig,
 )
 
 __all__ = ["main"]
@@ -116,27 +127,28 @@ def _extract_command(args) -> int:
 
 
 def _train_command(args) -> int:
-    from featsim.train import AugmentConfig, TrainConfig, run_seeds
+    from featsim.rundir import RunDir
+    from featsim.train import run_seeds
 
     if args.data is None and (args.train is None or args.test is None):
         raise ValueError("give --data SRC (with SRC:train and SRC:test) or --train and --test")
-    if args.aux_weight and not args.target_column:
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+               if hasattr(args, f.name)}  # the flags given (their defaults are suppressed)
+    seeds = options.pop("seed", None)
+    if args.config is not None:
+        base = TrainConfig.from_file(args.config)
+    elif "backbone" in options:
+        base = TrainConfig(options.pop("backbone"))
+    else:
+        raise ValueError("give --backbone NAME, or --config FILE (a run's config.json)")
+    if options.get("aux_weight", base.aux_weight) and not options.get(
+            "target_columns", base.target_columns):
         raise ValueError("--aux-weight needs --target-column NAME (the labels.csv column "
                          "the auxiliary head regresses)")
+    config = base.override(**options)
     train = args.train or f"{args.data}:train"
     test = args.test or f"{args.data}:test"
-    config = TrainConfig(
-        backbone=args.backbone, strategy=args.strategy, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.lr, body_lr_scale=args.body_lr_scale,
-        partial_stages=args.partial_stages, schedule=args.schedule,
-        normalization=args.normalization, augment=AugmentConfig(enabled=not args.no_augment),
-        val_fraction=args.val_fraction, early_stopping_patience=args.early_stopping,
-        stop_when=args.stop_when,
-        head=args.head, head_hidden=args.head_hidden, aux_weight=args.aux_weight,
-        aux_targets=len(args.target_column or ()),
-        target_columns=tuple(args.target_column or ()),
-        image_dtype=args.image_dtype, recompute_bn_stats=not args.no_recompute_bn)
-    seeds = args.seeds
+    seeds = seeds or [config.seed]
     summary = run_seeds(config, seeds, args.out, train=train, test=test, weights=args.weights,
                         resume=args.resume, progress=not args.no_progress,
                         data_dir=args.data_dir)
@@ -145,12 +157,13 @@ def _train_command(args) -> int:
     for name, (mean, std) in summary["summary"].items():
         spread = f" +- {std:.4f}" if std == std else ""  # nan with a single seed
         print(f"  {name:<24} {mean:.4f}{spread}")
-    print(f"wrote {Path(args.out) / 'summary.json'} (per seed: metrics.json, history.csv, "
+    print(f"wrote {RunDir(args.out).summary_file} (per seed: metrics.json, history.csv, "
           "model.msgpack)")
     return 0
 
 
 def _pretrain_command(args) -> int:
+    from featsim.rundir import RunDir
     from featsim.train import PretrainConfig, pretrain
 
     config = PretrainConfig(
@@ -162,7 +175,7 @@ def _pretrain_command(args) -> int:
         recompute_batch_stats=not args.no_recompute_bn)
     result = pretrain(config, args.out, args.data, weights=args.weights, resume=args.resume,
                       progress=not args.no_progress, data_dir=args.data_dir)
-    history = json.loads((Path(args.out) / "history.json").read_text())
+    history = RunDir(args.out).read_history()
     print(f"{config.backbone} autoencoder ({config.init} init, layer {result['layer']} "
           f"{tuple(result['code_shape'])}, {result['n_train']} images at "
           f"{result['image_size']} px): L1 per epoch")
@@ -259,6 +272,100 @@ def _compare_command(args) -> int:
     if args.plot:
         print(f"wrote {plot_cka(first, args.plot)}")
     return 0
+
+
+# How `featsim train` spells TrainConfig's fields, one flag per field (tests check that every
+# field has one): flags (default: --kebab-case of the field), argparse type or action, help.
+# Choices come from featsim.train.config's tuples, defaults from the dataclass; the flags'
+# own defaults are suppressed, so `--config FILE` values stay unless a flag is given.
+_TRAIN_FLAGS = {
+    "backbone": {"help": "registry name, see `featsim backbones` (required without --config)"},
+    "strategy": {"help": "linear: frozen body + new head (the paper's); partial, finetune, "
+                         "scratch, meanvar"},
+    "epochs": {"type": at_least(1)},
+    "batch_size": {"type": at_least(1), "help": "global batch (all devices)"},
+    "learning_rate": {"flags": ("--lr",), "type": positive,
+                      "help": "learning rate (paper's Table 3 variant: 1e-4)"},
+    "body_lr_scale": {"type": non_negative,
+                      "help": "body learning rate / head learning rate (finetune, partial)"},
+    "partial_stages": {"type": at_least(1), "help": "last stages `partial` unfreezes"},
+    "schedule": {"help": "learning-rate schedule (step: x0.1 at 50%% and 75%% of training)"},
+    "warmup_epochs": {"type": non_negative, "help": "linear warm-up epochs before the schedule"},
+    "weight_decay": {"type": non_negative, "help": "decoupled (AdamW) weight decay; 0: Adam"},
+    "class_weighting": {"help": "balanced: class c's cross-entropy weighted n / (C * n_c)"},
+    "head": {"help": "classifier head: the backbone's global-pool + linear, or El Azhari's "
+                     "Flatten + Dense(hidden) + ReLU + Dense on the last feature map (always "
+                     "end to end)"},
+    "head_hidden": {"type": at_least(1), "metavar": "N",
+                    "help": "hidden width of the flatten_mlp head"},
+    "aux_weight": {"type": non_negative, "metavar": "ALPHA",
+                   "help": "Park's multitask loss L_CE + ALPHA * L_MSE with an auxiliary "
+                           "regression head on pre_logits (Park: 0.8; 0: off); needs "
+                           "--target-column"},
+    "aux_targets": {"type": at_least(0), "metavar": "N", "default_shown": "the number of "
+                    "--target-column", "help": "outputs of the auxiliary regression head"},
+    "target_columns": {"flags": ("--target-column",), "action": "append", "metavar": "NAME",
+                       "help": "labels.csv column of the auxiliary regression target (repeat "
+                               "for several); --train/--test must be folders with a "
+                               "labels.csv"},
+    "normalization": {"help": "pixel scaling: paper (mean/std 0.5) or the backbone's own"},
+    "augment": {"flags": ("--augment",), "action": argparse.BooleanOptionalAction,
+                "help": "section 5.7 augmentation on the device (--no-augment: off; linear "
+                        "then trains on cached features)"},
+    "val_fraction": {"type": fraction,
+                     "help": "validation share carved from train (stratified, group-aware)"},
+    "early_stopping_patience": {
+        "flags": ("--early-stopping",), "type": at_least(1), "metavar": "PATIENCE",
+        "help": "stop after PATIENCE epochs without a better validation loss"},
+    "stop_when": {"metavar": "RULES",
+                  "help": "stop after the first epoch where every comma-separated validation "
+                          "condition holds, e.g. El Azhari's 'val_accuracy>=0.89,"
+                          "val_loss<0.3' (operators >=, >, <=, <; needs --val-fraction)"},
+    "image_dtype": {"help": "how decoded training images are held in memory"},
+    "seed": {"flags": ("--seeds",), "type": seed_list, "metavar": "SEEDS",
+             "default_shown": "0, or --config's seed",
+             "help": "comma-separated seeds, one run each, e.g. 0,1,2"},
+    "init": {"help": "where the body starts: pretrained weights, or its random init (with "
+                     "linear: a random-features probe)"},
+    "recompute_bn_stats": {
+        "action": argparse.BooleanOptionalAction, "aliases": ("--no-recompute-bn",),
+        "help": "evaluate and save BatchNorm statistics recomputed on the un-augmented "
+                "training images before every evaluation; --no-recompute-bn(-stats), an "
+                "ablation: the running averages of training"},
+    "bn_stats_images": {"type": at_least(2), "metavar": "N",
+                        "help": "recompute BatchNorm statistics on a fixed subset of N "
+                                "training images (default: all)"},
+}
+_TRAIN_CHOICES = {"strategy": STRATEGIES, "schedule": SCHEDULES, "head": HEADS, "init": INITS,
+                  "class_weighting": CLASS_WEIGHTINGS, "normalization": NORMALIZATIONS,
+                  "image_dtype": IMAGE_DTYPES}
+_ANNOTATION_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~featsim.train.TrainConfig` field (see ``_TRAIN_FLAGS``)."""
+    for field in dataclasses.fields(TrainConfig):
+        spec = dict(_TRAIN_FLAGS.get(field.name, {}))
+        flags = spec.pop("flags", ("--" + field.name.replace("_", "-"),))
+        aliases = spec.pop("aliases", ())
+        shown = spec.pop("default_shown", None)
+        if "action" not in spec and "type" not in spec:
+            spec["type"] = _ANNOTATION_TYPES.get(str(field.type).split(" ")[0], str)
+        if field.name in _TRAIN_CHOICES:
+            spec["choices"] = _TRAIN_CHOICES[field.name]
+        default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
+                   else field.default)
+        if shown is None and default is not dataclasses.MISSING:
+            if field.name == "augment":
+                default = default.enabled
+            shown = (("on" if default else "off") if isinstance(default, bool) else
+                     ",".join(default) or "none" if isinstance(default, tuple) else default)
+        if shown is not None:
+            spec["help"] = spec.get("help", f"TrainConfig.{field.name}") + f" (default: {shown})"
+        parser.add_argument(*flags, dest=field.name, default=argparse.SUPPRESS, **spec)
+        for alias in aliases:  # older spellings, kept working
+            parser.add_argument(alias, dest=field.name, action="store_false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoints every epoch and writes OUT/seed_<s>/metrics.json. Defaults: "
                     "the paper's 20 epochs, batch 64, class-weighted BCE, section 5.7 "
                     "augmentation and mean/std 0.5.")
-    t.add_argument("--backbone", required=True, help="registry name, see `featsim backbones`")
+    t.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="start from a saved TrainConfig (a run's config.json); the flags "
+                        "given override its fields")
     t.add_argument("--weights", default=None, metavar="FILE",
                    help="pretrained checkpoint, or a `featsim pretrain` output folder "
                         "(default: the registered weights)")
@@ -376,46 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(uses DATA:train and DATA:test)")
     t.add_argument("--train", default=None, help="training source (instead of --data)")
     t.add_argument("--test", default=None, help="test source (instead of --data)")
-    t.add_argument("--strategy", default="linear",
-                   choices=("linear", "partial", "finetune", "scratch", "meanvar"))
-    t.add_argument("--epochs", type=at_least(1), default=20)
-    t.add_argument("--batch-size", type=at_least(1), default=64)
-    t.add_argument("--lr", type=positive, default=1e-3, help="learning rate (paper's Table 3 "
-                   "variant: 1e-4)")
-    t.add_argument("--body-lr-scale", type=non_negative, default=0.1,
-                   help="body learning rate / head learning rate (finetune, partial)")
-    t.add_argument("--partial-stages", type=at_least(1), default=1)
-    t.add_argument("--schedule", default="constant", choices=("constant", "cosine", "step"))
-    t.add_argument("--normalization", default="paper", choices=("paper", "backbone"))
-    t.add_argument("--no-augment", action="store_true",
-                   help="no augmentation (linear then trains on cached features)")
-    t.add_argument("--val-fraction", type=fraction, default=0.0,
-                   help="validation share carved from train (stratified, group-aware)")
-    t.add_argument("--early-stopping", type=at_least(1), default=None, metavar="PATIENCE",
-                   help="stop after PATIENCE epochs without a better validation loss")
-    t.add_argument("--stop-when", default=None, metavar="RULES",
-                   help="stop after the first epoch where every comma-separated validation "
-                        "condition holds, e.g. El Azhari's 'val_accuracy>=0.89,val_loss<0.3' "
-                        "(operators >=, >, <=, <; needs --val-fraction)")
-    t.add_argument("--head", default="linear", choices=("linear", "flatten_mlp"),
-                   help="classifier head: the backbone's global-pool + linear (default) or "
-                        "El Azhari's Flatten + Dense(hidden) + ReLU + Dense on the last "
-                        "feature map (always end to end)")
-    t.add_argument("--head-hidden", type=at_least(1), default=1000, metavar="N",
-                   help="hidden width of the flatten_mlp head (default 1000)")
-    t.add_argument("--aux-weight", type=non_negative, default=0.0, metavar="ALPHA",
-                   help="Park's multitask loss L_CE + ALPHA * L_MSE with an auxiliary "
-                        "regression head on pre_logits (Park: 0.8; 0: off); needs "
-                        "--target-column")
-    t.add_argument("--target-column", action="append", default=None, metavar="NAME",
-                   help="labels.csv column of the auxiliary regression target (repeat for "
-                        "several); --train/--test must be folders with a labels.csv")
-    t.add_argument("--image-dtype", default="uint8", choices=("uint8", "float32"))
-    t.add_argument("--no-recompute-bn", action="store_true",
-                   help="ablation: evaluate and save the BatchNorm running averages of "
-                        "training instead of population statistics recomputed on the "
-                        "un-augmented training images before every evaluation (the default)")
-    t.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated seeds, e.g. 0,1,2")
+    _add_train_config_flags(t)
     t.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints")
     t.add_argument("--data-dir", default=None, help="tensorflow-datasets folder (tfds:)")
     t.add_argument("--no-progress", action="store_true")

@@ -38,7 +38,6 @@ import numpy as np
 import scipy.stats
 
 from featsim.comparison.change import PAIRED_DEFAULTS
-from featsim.comparison.finetuned import MODEL_FILENAME
 from featsim.comparison.networks import compare_backbones
 from featsim.comparison.result import (
     LABELS,
@@ -51,6 +50,7 @@ from featsim.comparison.result import (
 )
 from featsim.comparison.verdict import collapse_note
 from featsim.metrics.options import StatOptions
+from featsim.rundir import MODEL_FILENAME, RunDir
 
 __all__ = [
     "FORMS",
@@ -470,7 +470,7 @@ def compare_runs(pretrained, finetuned: Sequence, source, target, *, control=Non
 
 def find_finetuned(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Fine-tuned checkpoints named by ``paths``: a ``.msgpack`` file, a run directory (its
-    ``model.msgpack``), or a run root (every ``model.msgpack`` below it, sorted), in order,
+    ``model.msgpack``), or a run root (every run with a model below it, sorted), in order,
     without duplicates.
 
     Raises:
@@ -479,12 +479,10 @@ def find_finetuned(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """
     found: list[Path] = []
     for path in map(Path, paths):
-        if path.is_file():
-            found.append(path)
-        elif (path / MODEL_FILENAME).is_file():
+        if path.is_file() or RunDir(path).has_model:
             found.append(path)
         elif path.is_dir():
-            below = sorted(p.parent for p in path.rglob(MODEL_FILENAME))
+            below = [run.path for run in RunDir.find(path, finished=False)]
             if not below:
                 raise FileNotFoundError(
                     f"no {MODEL_FILENAME} in or below {path}: pass fine-tuned run directories, "
@@ -495,23 +493,9 @@ def find_finetuned(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-# Run records that may name the training data: analysis scripts' record, the trainer's files.
-_RECORDS = (("analysis_run.json", ("data", "train", "spec")), ("config.json", ("train",)),
-            ("metrics.json", ("train",)), ("metrics.json", ("config", "train")))
-
-
 def training_source(run: str | os.PathLike) -> str | None:
     """The training split a run directory's records name (e.g. ``"chest_xray:train"``), or
-    None when none does (then the control's source must be given explicitly)."""
+    None when none does (then the control's source must be given explicitly); a ``.msgpack``
+    file stands for its folder (:meth:`featsim.rundir.RunDir.training_source`)."""
     run = Path(run)
-    folder = run.parent if run.is_file() else run
-    for name, keys in _RECORDS:
-        try:
-            value = json.loads((folder / name).read_text())
-            for key in keys:
-                value = value[key]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(value, str) and value:
-            return value
-    return None
+    return RunDir(run.parent if run.is_file() else run).training_source()

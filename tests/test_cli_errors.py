@@ -67,6 +67,7 @@ def test_unwritable_out_folder_fails_before_training(tmp_path, capsys, no_work):
 
 
 def test_one_image_source_fails_before_extraction(tmp_path, capsys, monkeypatch):
+    import featsim.pipeline  # noqa: F401  (first: it binds the real extract_features, restored)
     from featsim.features import extract as extract_module
 
     def forbidden(*a, **k):

@@ -1,29 +1,57 @@
-"""Training loops that test the transfer claims: linear probe, partial, full, scratch, meanvar."""
+"""Training loops that test the transfer claims: linear probe, partial, full, scratch, meanvar.
+
+Modules: ``config`` (``TrainConfig``, ``AugmentConfig``: plain values, no JAX), ``loop``
+(``train_and_evaluate``, ``run_seeds``), ``linear_probe`` (the cached-feature path),
+``pretraining`` (autoencoder pretraining), ``steps``, ``heads``, ``strategies``, ``losses``,
+``augment``, ``batchnorm``, ``data``, ``callbacks`` (``StopWhen``), ``classification``
+(metrics of a classifier), ``summary`` (mean and std over seeds), ``predict``. A run's folder
+is :class:`featsim.rundir.RunDir`.
+"""
+
+import importlib
 
 from featsim import _guard  # noqa: F401  (first: names a namespace-package import)
-from featsim.train.augment import AugmentConfig, augment_batch
-from featsim.train.autoencoder import ConvAutoencoder, ConvDecoder
-from featsim.train.batchnorm import recompute_batch_stats
-from featsim.train.callbacks import StopWhen
-from featsim.train.config import HEADS, INITS, SCHEDULES, STRATEGIES, TrainConfig
-from featsim.train.data import Dataset, batches, load_dataset, split_validation
-from featsim.train.evaluation import (
-    auc_ci,
-    classification_metrics,
-    plot_reliability,
-    reliability_diagram,
-    summarize_runs,
-)
-from featsim.train.heads import HeadedBackbone, build_model
-from featsim.train.loop import create_train_state, evaluate, run_seeds, train_and_evaluate
-from featsim.train.losses import (
-    class_weights,
-    multitask_loss,
-    weighted_bce,
-    weighted_softmax_ce,
-)
-from featsim.train.pretrain import PretrainConfig, load_unlabelled, pretrain
-from featsim.train.steps import TrainState, make_eval_step, make_train_step
+
+# name -> module under featsim.train. Importing this package is cheap: each name loads its
+# module (and JAX) on first use (PEP 562), so `featsim train --help` reads TrainConfig's
+# fields without JAX.
+_EXPORTS = {
+    "HEADS": "config",
+    "INITS": "config",
+    "SCHEDULES": "config",
+    "STRATEGIES": "config",
+    "AugmentConfig": "config",
+    "ConvAutoencoder": "autoencoder",
+    "ConvDecoder": "autoencoder",
+    "Dataset": "data",
+    "HeadedBackbone": "heads",
+    "PretrainConfig": "pretraining",
+    "StopWhen": "callbacks",
+    "TrainConfig": "config",
+    "TrainState": "steps",
+    "auc_ci": "classification",
+    "augment_batch": "augment",
+    "batches": "data",
+    "build_model": "heads",
+    "class_weights": "losses",
+    "classification_metrics": "classification",
+    "create_train_state": "loop",
+    "evaluate": "loop",
+    "load_dataset": "data",
+    "load_unlabelled": "pretraining",
+    "make_eval_step": "steps",
+    "make_train_step": "steps",
+    "multitask_loss": "losses",
+    "pretrain": "pretraining",
+    "recompute_batch_stats": "batchnorm",
+    "reliability_diagram": "classification",
+    "run_seeds": "loop",
+    "split_validation": "data",
+    "summarize_runs": "summary",
+    "train_and_evaluate": "loop",
+    "weighted_bce": "losses",
+    "weighted_softmax_ce": "losses",
+}
 
 __all__ = [
     "HEADS",
@@ -52,7 +80,6 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "multitask_loss",
-    "plot_reliability",
     "pretrain",
     "recompute_batch_stats",
     "reliability_diagram",
@@ -63,3 +90,16 @@ __all__ = [
     "weighted_bce",
     "weighted_softmax_ce",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featsim.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"featsim.train.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -83,7 +83,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -92,6 +91,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from featsim.train.config import AugmentConfig
 
 __all__ = [
     "LUMA_WEIGHTS",
@@ -156,92 +157,6 @@ def normalize(images, scale, offset):
     """
     x = jnp.asarray(images, jnp.float32)
     return x * jnp.asarray(scale, jnp.float32) + jnp.asarray(offset, jnp.float32)
-
-
-def _pair(name, value):
-    if isinstance(value, (int, float)) or len(value) != 2:
-        raise ValueError(f"{name} must be a (min, max) pair, got {value!r}")
-    lo, hi = float(value[0]), float(value[1])
-    if lo > hi:
-        raise ValueError(f"{name} must be (min, max) with min <= max, got {value!r}")
-    return lo, hi
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Parameters of the section 5.7 pipeline (see the module docstring for their sources).
-
-    Frozen and hashable, so it can be a static argument of ``jax.jit``;
-    ``AugmentConfig(**json.loads(json.dumps(dataclasses.asdict(c)))) == c``.
-
-    Attributes:
-        enabled: ``False`` turns the whole pipeline into the identity.
-        crop_scale: ``RandomResizedCrop`` area fraction range, ``0 < min <= max``.
-        crop_ratio: ``RandomResizedCrop`` aspect ratio (width / height) range, log-uniform.
-        crop_attempts: candidates before the centre-crop fallback.
-        brightness: ``ColorJitter`` brightness; factor uniform in ``[max(0, 1-b), 1+b]``.
-        contrast: ``ColorJitter`` contrast, same form.
-        saturation: ``ColorJitter`` saturation, same form.
-        hue: ``ColorJitter`` hue in ``[0, 0.5]``; shift uniform in ``[-hue, hue]`` turns.
-        jitter_random_order: apply the enabled colour ops in a random order per example
-            (torchvision); ``False``: brightness, contrast, saturation, hue.
-        hflip_prob: probability of a horizontal flip.
-        rotation_degrees: rotation angle range in degrees, counter-clockwise positive.
-        fill: value of output pixels that come from outside the (rotated) crop.
-        grayscale_prob: probability of converting to 3-channel grayscale.
-    """
-
-    enabled: bool = True
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    crop_attempts: int = 10
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.0
-    jitter_random_order: bool = True
-    hflip_prob: float = 0.5
-    rotation_degrees: tuple[float, float] = (-10.0, 10.0)
-    fill: float = 0.0
-    grayscale_prob: float = 1.0
-
-    def __post_init__(self):
-        # Store tuples and floats whatever was given (JSON gives lists), so the value hashes.
-        for name in ("crop_scale", "crop_ratio", "rotation_degrees"):
-            object.__setattr__(self, name, _pair(name, getattr(self, name)))
-        for name in (
-            "brightness",
-            "contrast",
-            "saturation",
-            "hue",
-            "hflip_prob",
-            "fill",
-            "grayscale_prob",
-        ):
-            object.__setattr__(self, name, float(getattr(self, name)))
-        if self.crop_scale[0] <= 0:
-            raise ValueError(f"crop_scale must be positive, got {self.crop_scale!r}")
-        if self.crop_ratio[0] <= 0:
-            raise ValueError(f"crop_ratio must be positive, got {self.crop_ratio!r}")
-        if int(self.crop_attempts) != self.crop_attempts or self.crop_attempts < 1:
-            raise ValueError(f"crop_attempts must be a positive int, got {self.crop_attempts!r}")
-        object.__setattr__(self, "crop_attempts", int(self.crop_attempts))
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"hue must be in [0, 0.5], got {self.hue!r}")
-        for name in ("hflip_prob", "grayscale_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if not 0.0 <= self.fill <= _MAX:
-            raise ValueError(f"fill must be in [0, 255], got {self.fill!r}")
-
-    def colour_ops(self) -> tuple[str, ...]:
-        """Names of the enabled colour-jitter ops, in the fixed (non-random) order."""
-        return tuple(
-            n for n in ("brightness", "contrast", "saturation", "hue") if getattr(self, n) > 0
-        )
 
 
 class AugmentParams(NamedTuple):

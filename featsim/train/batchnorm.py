@@ -47,7 +47,14 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-__all__ = ["batchnorm_momenta", "even_batches", "recompute_batch_stats"]
+__all__ = [
+    "batchnorm_momenta",
+    "bn_description",
+    "bn_stats_mode",
+    "bn_subset",
+    "even_batches",
+    "recompute_batch_stats",
+]
 
 COLLECTION = "batch_stats"
 
@@ -185,3 +192,40 @@ def recompute_batch_stats(
     stats = traverse_util.unflatten_dict(
         {k: (v / rows).astype(np.float32) for k, v in sums.items()})
     return dict(variables, **{COLLECTION: stats})
+
+
+def bn_stats_mode(config, batch_stats, frozen_stats=frozenset()) -> str:
+    """How a run's evaluated and saved model gets its BatchNorm statistics:
+
+    * ``"recomputed"``: population statistics over the training images
+      (:func:`featsim.train.loop.population_batch_stats`);
+    * ``"running"``: the training running averages (``recompute_bn_stats=False``);
+    * ``"frozen"``: never trained (``linear``, or every BatchNorm in a frozen stage), so the
+      body's own statistics (pretrained, or initial for ``init="random"``) stay;
+    * ``"none"``: the model has no BatchNorm.
+    """
+    flat = traverse_util.flatten_dict(batch_stats) if batch_stats else {}
+    if not flat:
+        return "none"
+    if config.strategy == "linear" or all(k in frozen_stats for k in flat):
+        return "frozen"
+    return "recomputed" if config.recompute_bn_stats else "running"
+
+
+def bn_description(mode: str, n_images: int, n_train: int | None = None) -> str:
+    """The words ``metrics.json`` and the model's metadata record for :func:`bn_stats_mode`."""
+    subset = f" of {n_train}" if n_train is not None and n_train != n_images else ""
+    return {
+        "recomputed": f"recomputed on {n_images}{subset} training images (un-augmented)",
+        "running": "running averages of training (recompute_bn_stats=False)",
+        "frozen": "not applicable: BatchNorm statistics frozen (never trained)",
+        "none": "not applicable: no BatchNorm",
+    }[mode]
+
+
+def bn_subset(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted rows of a fixed (seeded) subset of ``min(limit, n)`` of ``n`` training rows:
+    the same every epoch and after a resume."""
+    if limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))

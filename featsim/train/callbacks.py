@@ -22,7 +22,7 @@ import operator
 import re
 from collections.abc import Iterable, Mapping
 
-from featsim.train.evaluation import BINARY_METRIC_KEYS, MULTICLASS_METRIC_KEYS
+from featsim.train.metric_keys import BINARY_METRIC_KEYS, MULTICLASS_METRIC_KEYS
 
 __all__ = ["OPERATORS", "STOP_METRICS", "StopWhen"]
 

@@ -11,11 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from pathlib import Path
 
-from featsim.train.augment import AugmentConfig
 from featsim.train.callbacks import StopWhen
 
-__all__ = ["HEADS", "INITS", "SCHEDULES", "STRATEGIES", "TrainConfig"]
+__all__ = [
+    "CLASS_WEIGHTINGS",
+    "HEADS",
+    "IMAGE_DTYPES",
+    "INITS",
+    "NORMALIZATIONS",
+    "SCHEDULES",
+    "STRATEGIES",
+    "AugmentConfig",
+    "TrainConfig",
+]
 
 # linear:   the paper's: frozen body (incl. BatchNorm statistics), new head.
 # partial:  unfreeze the last `partial_stages` stages and the head.
@@ -33,6 +44,99 @@ HEADS = ("linear", "flatten_mlp")
 # random:     the body starts from its own random initialisation (seeded), e.g. with
 #             ``linear`` a random-features probe (El Azhari's "random weights, frozen").
 INITS = ("pretrained", "random")
+# balanced: n / (C * count_c) per class (Keras/sklearn); none: every class weighs 1.
+CLASS_WEIGHTINGS = ("balanced", "none")
+# paper: mean 0.5 / std 0.5 (Gu & Lee sec. 5.7); backbone: the weights' own scaling.
+NORMALIZATIONS = ("paper", "backbone")
+# How decoded images are held: uint8 (4x smaller) or float32 (as the feature pipeline).
+IMAGE_DTYPES = ("uint8", "float32")
+_MAX_PIXEL = 255.0
+
+
+def _pair(name, value):
+    if isinstance(value, (int, float)) or len(value) != 2:
+        raise ValueError(f"{name} must be a (min, max) pair, got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if lo > hi:
+        raise ValueError(f"{name} must be (min, max) with min <= max, got {value!r}")
+    return lo, hi
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Parameters of the section 5.7 pipeline (:mod:`featsim.train.augment` gives their sources).
+
+    Frozen and hashable, so it can be a static argument of ``jax.jit``;
+    ``AugmentConfig(**json.loads(json.dumps(dataclasses.asdict(c)))) == c``.
+
+    Attributes:
+        enabled: ``False`` turns the whole pipeline into the identity.
+        crop_scale: ``RandomResizedCrop`` area fraction range, ``0 < min <= max``.
+        crop_ratio: ``RandomResizedCrop`` aspect ratio (width / height) range, log-uniform.
+        crop_attempts: candidates before the centre-crop fallback.
+        brightness: ``ColorJitter`` brightness; factor uniform in ``[max(0, 1-b), 1+b]``.
+        contrast: ``ColorJitter`` contrast, same form.
+        saturation: ``ColorJitter`` saturation, same form.
+        hue: ``ColorJitter`` hue in ``[0, 0.5]``; shift uniform in ``[-hue, hue]`` turns.
+        jitter_random_order: apply the enabled colour ops in a random order per example
+            (torchvision); ``False``: brightness, contrast, saturation, hue.
+        hflip_prob: probability of a horizontal flip.
+        rotation_degrees: rotation angle range in degrees, counter-clockwise positive.
+        fill: value of output pixels that come from outside the (rotated) crop.
+        grayscale_prob: probability of converting to 3-channel grayscale.
+    """
+
+    enabled: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    crop_attempts: int = 10
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.0
+    jitter_random_order: bool = True
+    hflip_prob: float = 0.5
+    rotation_degrees: tuple[float, float] = (-10.0, 10.0)
+    fill: float = 0.0
+    grayscale_prob: float = 1.0
+
+    def __post_init__(self):
+        # Store tuples and floats whatever was given (JSON gives lists), so the value hashes.
+        for name in ("crop_scale", "crop_ratio", "rotation_degrees"):
+            object.__setattr__(self, name, _pair(name, getattr(self, name)))
+        for name in (
+            "brightness",
+            "contrast",
+            "saturation",
+            "hue",
+            "hflip_prob",
+            "fill",
+            "grayscale_prob",
+        ):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.crop_scale[0] <= 0:
+            raise ValueError(f"crop_scale must be positive, got {self.crop_scale!r}")
+        if self.crop_ratio[0] <= 0:
+            raise ValueError(f"crop_ratio must be positive, got {self.crop_ratio!r}")
+        if int(self.crop_attempts) != self.crop_attempts or self.crop_attempts < 1:
+            raise ValueError(f"crop_attempts must be a positive int, got {self.crop_attempts!r}")
+        object.__setattr__(self, "crop_attempts", int(self.crop_attempts))
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {self.hue!r}")
+        for name in ("hflip_prob", "grayscale_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0.0 <= self.fill <= _MAX_PIXEL:
+            raise ValueError(f"fill must be in [0, 255], got {self.fill!r}")
+
+    def colour_ops(self) -> tuple[str, ...]:
+        """Names of the enabled colour-jitter ops, in the fixed (non-random) order."""
+        return tuple(
+            n for n in ("brightness", "contrast", "saturation", "hue") if getattr(self, n) > 0
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,11 +272,11 @@ class TrainConfig:
             (self.body_lr_scale >= 0, "body_lr_scale must be >= 0"),
             (self.partial_stages >= 1, "partial_stages must be >= 1"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
-            (self.class_weighting in ("balanced", "none"),
-             'class_weighting must be "balanced" or "none"'),
-            (self.normalization in ("paper", "backbone"),
-             'normalization must be "paper" or "backbone"'),
-            (self.image_dtype in ("uint8", "float32"), 'image_dtype must be "uint8" or "float32"'),
+            (self.class_weighting in CLASS_WEIGHTINGS,
+             f"class_weighting must be one of {CLASS_WEIGHTINGS}"),
+            (self.normalization in NORMALIZATIONS,
+             f"normalization must be one of {NORMALIZATIONS}"),
+            (self.image_dtype in IMAGE_DTYPES, f"image_dtype must be one of {IMAGE_DTYPES}"),
             (self.early_stopping_patience is None or self.val_fraction > 0,
              "early stopping needs a validation split (val_fraction > 0)"),
             (self.stop_when is None or self.val_fraction > 0,
@@ -201,6 +305,34 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainConfig:
+        """The config a run saved (its ``config.json``, :meth:`to_json`).
+
+        Raises:
+            FileNotFoundError: no such file. ValueError: not JSON, not an object, fields
+                :class:`TrainConfig` does not have, or invalid values (naming the file).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no TrainConfig file at {path} (a run's config.json)")
+        try:
+            value = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a JSON object of TrainConfig fields, got "
+                             f"{type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown TrainConfig fields {unknown}; known: "
+                             f"{sorted(known)}")
+        try:
+            return cls.from_dict(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    @classmethod
     def from_dict(cls, value: dict) -> TrainConfig:
         value = dict(value)
         if isinstance(value.get("augment"), dict):  # JSON lists back to (hashable) tuples
@@ -210,3 +342,14 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    def override(self, **options) -> TrainConfig:
+        """:meth:`replace` as ``featsim train``'s flags spell the fields: ``augment`` may
+        also be a bool (this config's augmentation turned on or off, its parameters kept),
+        and ``target_columns`` given without ``aux_targets`` sets ``aux_targets`` to their
+        number."""
+        if isinstance(options.get("augment"), bool):
+            options["augment"] = dataclasses.replace(self.augment, enabled=options["augment"])
+        if "target_columns" in options and "aux_targets" not in options:
+            options["aux_targets"] = len(options["target_columns"] or ())
+        return dataclasses.replace(self, **options)

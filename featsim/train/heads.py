@@ -44,12 +44,13 @@ import numpy as np
 from flax import traverse_util
 
 from featsim.backbones.registry import Backbone, get_backbone, load_pretrained
-from featsim.train.strategies import AUX_KEY, tap_order
+from featsim.train.strategies import AUX_KEY, meanvar_init, tap_order
 
 __all__ = [
     "AUX_KEY",
     "HeadedBackbone",
     "build_model",
+    "initial_variables",
     "load_pretrained_model",
     "model_for",
     "pre_pool_feature",
@@ -189,3 +190,24 @@ def load_pretrained_model(model: Backbone, *, path=None, rng: jax.Array) -> Back
     flat.update(jax.jit(init_new)(head_key, jnp.zeros(model.input_shape, jnp.float32)))
     variables = jax.tree.map(np.asarray, traverse_util.unflatten_dict(flat))
     return dataclasses.replace(model, variables=variables, weights_file=body.weights_file)
+
+
+def initial_variables(config, num_classes: int, rng: jax.Array, weights=None):
+    """``(model, variables)`` a run of ``config`` starts from, variables as numpy: the
+    pretrained body with a new head, a random init (``scratch``, ``init="random"``), or Mean
+    Var (``meanvar``: kernels drawn around the pretrained values, BatchNorm statistics
+    fresh, since they described the pretrained activations). ``model`` is the
+    :func:`model_for` backbone (with the pretrained ``weights_file`` when one was read);
+    ``weights``: a checkpoint instead of the registered one."""
+    model = model_for(config, num_classes)
+    head_key, init_key = jax.random.split(rng)
+    if config.strategy == "scratch" or config.init == "random":
+        return model, jax.tree.map(np.asarray, model.init(init_key))
+    pretrained = load_pretrained_model(model, path=weights, rng=head_key)
+    variables = pretrained.variables
+    if config.strategy == "meanvar":
+        variables = dict(variables, params=meanvar_init(variables["params"], init_key))
+        if "batch_stats" in variables:
+            variables["batch_stats"] = jax.tree.map(np.asarray,
+                                                    model.init(init_key))["batch_stats"]
+    return pretrained, variables

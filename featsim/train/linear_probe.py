@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +23,13 @@ import featsim
 from featsim.backbones.registry import Backbone, get_backbone, load_pretrained
 from featsim.data.transforms import Transform
 from featsim.features.extract import extract_features
+from featsim.rundir import RunDir, model_metadata
 from featsim.train import strategies
+from featsim.train.batchnorm import bn_description, bn_stats_mode
+from featsim.train.classification import classification_metrics
 from featsim.train.config import TrainConfig
 from featsim.train.data import batches
-from featsim.train.evaluation import classification_metrics
+from featsim.train.heads import initial_variables
 from featsim.train.losses import class_weights as balanced_class_weights
 from featsim.train.losses import weighted_example_losses as example_losses
 from featsim.train.steps import probabilities
@@ -68,17 +70,8 @@ def _set_head(variables, path, head):
 def train_linear_probe(config: TrainConfig, workdir, *, train, test, weights=None,
                        progress: bool = True, data_dir=None, cache_dir=None) -> dict:
     """:func:`~featsim.train.train_and_evaluate` for ``linear`` without augmentation."""
-    from featsim.train.loop import (
-        _bn_description,
-        _initial_variables,
-        _save_json,
-        _write_history,
-        bn_stats_mode,
-    )
-
     started = time.perf_counter()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(workdir).create()
     if config.val_fraction:
         raise ValueError("the cached-feature linear path has no validation split yet; use "
                          "val_fraction=0 or enable augmentation (end-to-end path)")
@@ -98,27 +91,23 @@ def train_linear_probe(config: TrainConfig, workdir, *, train, test, weights=Non
         raise ValueError("training needs labels on every item of train and test")
     num_classes = max(len(feats["train"].class_names), int(labels["train"].max()) + 1)
     head_size = 1 if num_classes == 2 else num_classes
-    backbone, variables = _initial_variables(config, head_size, init_key, weights)
+    backbone, variables = initial_variables(config, head_size, init_key, weights)
     path, _, _ = head_layer(backbone, variables)
     head = _head_params(variables, path)
     x = {name: f["pre_logits"] for name, f in feats.items()}
     head, history, evaluate = fit_head(config, head, x, labels, num_classes, data_key)
-    _write_history(workdir, history)
-    (workdir / "config.json").write_text(config.to_json() + "\n")
+    run.write_history(history)
+    run.write_config(config)
     final = _set_head(variables, path, jax.tree.map(np.asarray, head))
-    from featsim.backbones.weights import save_variables
-
-    save_variables(workdir / "model.msgpack", final, metadata={
-        "backbone": config.backbone, "num_classes": str(head_size),
-        "strategy": config.strategy, "config": config.to_json()})
+    bn_text = bn_description(bn_stats_mode(config, variables.get("batch_stats")), 0)
+    run.save_model(final, model_metadata(config, head_size, bn_stats=bn_text))
     result = {f"test_{k}": v for k, v in evaluate(head, "test").items()}
     result.update(epoch=config.epochs, epochs_run=config.epochs, n_train=len(x["train"]),
                   n_val=0, n_test=len(x["test"]), seconds=time.perf_counter() - started,
                   devices=1, path="cached_features",
-                  bn_stats=_bn_description(bn_stats_mode(config, variables.get("batch_stats")),
-                                           0), bn_stats_images=0, config=config.to_dict(),
+                  bn_stats=bn_text, bn_stats_images=0, config=config.to_dict(),
                   featsim_version=featsim.__version__)
-    _save_json(workdir / "metrics.json", result)
+    run.write_metrics(result)
     return result
 
 

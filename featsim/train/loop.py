@@ -29,7 +29,6 @@ import dataclasses
 import math
 import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -39,24 +38,23 @@ from tqdm.auto import tqdm
 import featsim
 from featsim import parallel
 from featsim.backbones.registry import get_backbone
-from featsim.backbones.weights import save_variables
 from featsim.data.transforms import Transform
+from featsim.rundir import RunDir, model_metadata
 from featsim.train import heads, strategies
-from featsim.train.batchnorm import even_batches, recompute_batch_stats
+from featsim.train.batchnorm import (
+    bn_description,
+    bn_stats_mode,
+    bn_subset,
+    even_batches,
+    recompute_batch_stats,
+)
 from featsim.train.callbacks import StopWhen
+from featsim.train.classification import classification_metrics
 from featsim.train.config import TrainConfig
 from featsim.train.data import Dataset, batches, load_dataset, split_validation
-from featsim.train.evaluation import (
-    BINARY_METRIC_KEYS,
-    MULTICLASS_METRIC_KEYS,
-    classification_metrics,
-    summarize_runs,
-)
+from featsim.train.linear_probe import train_linear_probe
 from featsim.train.losses import class_weights as balanced_class_weights
-from featsim.train.runfiles import load_checkpoint as _load_checkpoint
-from featsim.train.runfiles import save_checkpoint as _save_checkpoint
-from featsim.train.runfiles import save_json as _save_json
-from featsim.train.runfiles import write_history as _write_history
+from featsim.train.metric_keys import BINARY_METRIC_KEYS, MULTICLASS_METRIC_KEYS
 from featsim.train.steps import (
     StepConfig,
     TrainState,
@@ -64,9 +62,9 @@ from featsim.train.steps import (
     make_train_step,
     normalize_images,
 )
+from featsim.train.summary import summarize_runs
 
 __all__ = [
-    "bn_stats_mode",
     "create_train_state",
     "evaluate",
     "population_batch_stats",
@@ -75,27 +73,10 @@ __all__ = [
 ]
 
 
-def _initial_variables(config: TrainConfig, num_classes: int, rng, weights):
-    """Pretrained (new head), random (scratch) or Mean Var variables, as numpy."""
-    backbone = heads.model_for(config, num_classes)
-    head_key, init_key = jax.random.split(rng)
-    if config.strategy == "scratch" or config.init == "random":
-        return backbone, jax.tree.map(np.asarray, backbone.init(init_key))
-    pretrained = heads.load_pretrained_model(backbone, path=weights, rng=head_key)
-    variables = pretrained.variables
-    if config.strategy == "meanvar":
-        variables = dict(variables, params=strategies.meanvar_init(variables["params"],
-                                                                   init_key))
-        if "batch_stats" in variables:  # they described the pretrained activations
-            fresh = jax.tree.map(np.asarray, backbone.init(init_key))["batch_stats"]
-            variables["batch_stats"] = fresh
-    return pretrained, variables
-
-
 def create_train_state(config: TrainConfig, num_classes: int, steps_per_epoch: int, rng, *,
                        weights=None):
     """The initial :class:`TrainState` and the static :class:`StepConfig` of a run."""
-    backbone, variables = _initial_variables(config, num_classes, rng, weights)
+    backbone, variables = heads.initial_variables(config, num_classes, rng, weights)
     module = heads.model_for(config, num_classes, bn_axis_name=parallel.DATA_AXIS).module
     stages = strategies.leaf_stages(backbone.module, variables, backbone.input_shape)
     labels = strategies.strategy_labels(stages, config.strategy,
@@ -123,34 +104,6 @@ def create_train_state(config: TrainConfig, num_classes: int, steps_per_epoch: i
         aux_weight=config.aux_weight,
     )
     return state, step_config, backbone, transform
-
-
-def bn_stats_mode(config: TrainConfig, batch_stats, frozen_stats=frozenset()) -> str:
-    """How a run's evaluated and saved model gets its BatchNorm statistics:
-
-    * ``"recomputed"``: population statistics over the training images
-      (:func:`population_batch_stats`);
-    * ``"running"``: the training running averages (``recompute_bn_stats=False``);
-    * ``"frozen"``: never trained (``linear``, or every BatchNorm in a frozen stage), so the
-      body's own statistics (pretrained, or initial for ``init="random"``) stay;
-    * ``"none"``: the model has no BatchNorm.
-    """
-    flat = traverse_util.flatten_dict(batch_stats) if batch_stats else {}
-    if not flat:
-        return "none"
-    if config.strategy == "linear" or all(k in frozen_stats for k in flat):
-        return "frozen"
-    return "recomputed" if config.recompute_bn_stats else "running"
-
-
-def _bn_description(mode: str, n_images: int, n_train: int | None = None) -> str:
-    subset = f" of {n_train}" if n_train is not None and n_train != n_images else ""
-    return {
-        "recomputed": f"recomputed on {n_images}{subset} training images (un-augmented)",
-        "running": "running averages of training (recompute_bn_stats=False)",
-        "frozen": "not applicable: BatchNorm statistics frozen (never trained)",
-        "none": "not applicable: no BatchNorm",
-    }[mode]
 
 
 def population_batch_stats(module, step_config: StepConfig, variables: dict, images,
@@ -184,13 +137,6 @@ def population_batch_stats(module, step_config: StepConfig, variables: dict, ima
     return traverse_util.unflatten_dict({
         k: (np.asarray(flat_old[k]) if k in step_config.frozen_stats else v)
         for k, v in flat_new.items()})
-
-
-def _bn_subset(n: int, limit: int, seed: int) -> np.ndarray:
-    """Sorted rows of a fixed (seeded) subset of ``min(limit, n)`` of ``n`` training rows."""
-    if limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
 _APPLY_CACHE: dict = {}
@@ -285,12 +231,9 @@ def train_and_evaluate(
         fast_linear: ``linear`` without augmentation trains the head on cached features
             (:mod:`featsim.train.linear_probe`); False runs the end-to-end loop instead.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(workdir).create()
     if config.uses_cached_features and fast_linear:
-        from featsim.train.linear_probe import train_linear_probe
-
-        return train_linear_probe(config, workdir, train=train, test=test, weights=weights,
+        return train_linear_probe(config, run.path, train=train, test=test, weights=weights,
                                   progress=progress, data_dir=data_dir)
     started = time.perf_counter()
     ndev = jax.device_count()  # all hosts' devices; each process feeds its local ones
@@ -324,9 +267,11 @@ def train_and_evaluate(
     bn_mode = bn_stats_mode(config, state.batch_stats, step_config.frozen_stats)
     bn_images = train.images
     if bn_mode == "recomputed" and config.bn_stats_images is not None:
-        bn_images = train.images[_bn_subset(len(train), config.bn_stats_images, config.seed)]
+        bn_images = train.images[bn_subset(len(train), config.bn_stats_images, config.seed)]
     n_bn = len(bn_images) if bn_mode == "recomputed" else 0
     bn_key = jax.random.fold_in(rng, 1)  # independent of init/data/step keys
+    bn_text = bn_description(bn_mode, n_bn, len(train))
+    metadata = model_metadata(config, head, bn_stats=bn_text)
 
     def for_evaluation(state, epoch):
         """``(state to evaluate and save, history fields)``: with recomputed statistics a
@@ -341,17 +286,16 @@ def train_and_evaluate(
                                        jax.random.fold_in(bn_key, epoch))
         return (state.replace(batch_stats=parallel.replicate(stats)),
                 {"bn_stats_images": n_bn, "bn_seconds": time.perf_counter() - t0})
-    (workdir / "config.json").write_text(config.to_json() + "\n")
+    run.write_config(config)
     p_train = parallel.pmap(make_train_step(step_config, weights_c), in_axes=(0, 0, None))
     p_eval = parallel.pmap(make_eval_step(step_config, weights_c))
     state = parallel.replicate(state)
     history: list[dict] = []
     best = {"epoch": None, "val_loss": None}
     start_epoch = 0
-    checkpoint = workdir / "checkpoint.msgpack"
-    if resume and checkpoint.exists():
-        host_state, start_epoch, history, best = _load_checkpoint(
-            checkpoint, parallel.unreplicate(state))
+    if resume and run.checkpoint_file.exists():
+        host_state, start_epoch, history, best = run.load_checkpoint(
+            parallel.unreplicate(state))
         state = parallel.replicate(host_state)
         if history and history[-1].get("stop_reason"):
             start_epoch = config.epochs  # the run had stopped: do not train on
@@ -392,8 +336,7 @@ def train_and_evaluate(
         if val is not None:
             if best["val_loss"] is None or row["val_loss"] < best["val_loss"]:
                 best = {"epoch": epoch + 1, "val_loss": row["val_loss"]}
-                _save_model(workdir / "best_model.msgpack", eval_state, config, head,
-                            bn_stats=_bn_description(bn_mode, n_bn, len(train)))
+                run.save_model(_host_variables(eval_state), metadata, best=True)
             elif (config.early_stopping_patience is not None
                   and epoch + 1 - best["epoch"] >= config.early_stopping_patience):
                 stop = (f"early_stopping_patience={config.early_stopping_patience}: no "
@@ -402,8 +345,8 @@ def train_and_evaluate(
                 stop = f"stop_when {stop_rule.describe(row)}"
         if stop:
             row["stop_reason"] = stop  # in history.json/csv and metrics.json
-        _save_checkpoint(checkpoint, state, epoch + 1, history, best)
-        _write_history(workdir, history)
+        run.save_checkpoint(parallel.unreplicate(state), epoch + 1, history, best)
+        run.write_history(history)
         bar.update(1)
         if stop:
             break
@@ -411,52 +354,42 @@ def train_and_evaluate(
     chosen_epoch = history[-1]["epoch"]
     if config.early_stopping_patience is not None and best["epoch"] is not None:
         chosen_epoch = best["epoch"]  # saved with the statistics it was evaluated with
-        host = _load_model_into(workdir / "best_model.msgpack", parallel.unreplicate(state))
-        final = parallel.replicate(host)
+        host, best_variables = parallel.unreplicate(state), run.load_variables(best=True)
+        final = parallel.replicate(host.replace(
+            params=best_variables["params"],
+            batch_stats=best_variables.get("batch_stats", host.batch_stats)))
     elif last_eval is not None and last_eval[0] == chosen_epoch:
         final = last_eval[1]
     else:  # resumed after the last epoch: the same statistics again (same key)
         final, _ = for_evaluation(state, chosen_epoch - 1)
     test_metrics = evaluate(p_eval, final, test, batch_size)
-    _save_model(workdir / "model.msgpack", final, config, head,
-                bn_stats=_bn_description(bn_mode, n_bn, len(train)))
+    run.save_model(_host_variables(final), metadata)
     result = {f"test_{k}": v for k, v in test_metrics.items()}
     result.update(epoch=chosen_epoch, epochs_run=len(history), n_train=len(train),
                   n_val=0 if val is None else len(val), n_test=len(test),
                   seconds=time.perf_counter() - started, devices=ndev,
                   stop_reason=history[-1].get("stop_reason"),
-                  bn_stats=_bn_description(bn_mode, n_bn, len(train)), bn_stats_images=n_bn,
+                  bn_stats=bn_text, bn_stats_images=n_bn,
                   config=config.to_dict(), featsim_version=featsim.__version__)
-    _save_json(workdir / "metrics.json", result)
+    run.write_metrics(result)
     return result
 
 
-def _save_model(path: Path, state, config: TrainConfig, num_classes: int, *,
-                bn_stats: str) -> None:
+def _host_variables(state) -> dict:
+    """The (unreplicated) variables of a train state, as saved in ``model.msgpack``."""
     variables = {"params": parallel.unreplicate(state.params)}
     if state.batch_stats is not None:
         variables["batch_stats"] = parallel.unreplicate(state.batch_stats)
-    save_variables(path, variables, metadata={
-        "backbone": config.backbone, "num_classes": str(num_classes),
-        "strategy": config.strategy, "config": config.to_json(), "batch_stats": bn_stats})
-
-
-def _load_model_into(path: Path, state):
-    from featsim.backbones.weights import load_variables
-
-    variables = load_variables(path)
-    return state.replace(params=variables["params"],
-                         batch_stats=variables.get("batch_stats", state.batch_stats))
+    return variables
 
 
 def run_seeds(config: TrainConfig, seeds, workdir, **kwargs) -> dict:
     """Runs ``config`` once per seed in ``workdir/seed_<s>/`` and writes ``summary.json``
     with the mean and std (ddof=1) of every test metric."""
-    workdir = Path(workdir)
+    root = RunDir(workdir)
     runs = [train_and_evaluate(dataclasses.replace(config, seed=int(s)),
-                               workdir / f"seed_{s}", **kwargs) for s in seeds]
+                               root.path / f"seed_{s}", **kwargs) for s in seeds]
     numeric = [{k: v for k, v in r.items() if k.startswith("test_")} for r in runs]
     summary = {"seeds": list(seeds), "summary": summarize_runs(numeric), "runs": runs}
-    workdir.mkdir(parents=True, exist_ok=True)
-    _save_json(workdir / "summary.json", summary)
+    root.create().write_summary(summary)
     return summary

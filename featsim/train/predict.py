@@ -1,11 +1,18 @@
-"""Predictions of a trained binary classifier saved by the trainer (``DIR/model.msgpack``)."""
+"""Predictions of a trained binary classifier saved by the trainer (``RunDir.model_file``)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from featsim.backbones.registry import get_backbone
+from featsim.data.transforms import Transform
+from featsim.rundir import RunDir
+from featsim.train import heads
+from featsim.train.data import load_dataset
 
 __all__ = ["predict_binary"]
 
@@ -30,21 +37,8 @@ def predict_binary(config, workdir: str | os.PathLike, source, *, dtype: str | N
     Raises:
       FileNotFoundError: no ``model.msgpack`` in ``workdir``.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from featsim.backbones.registry import get_backbone
-    from featsim.backbones.weights import load_variables
-    from featsim.data.transforms import Transform
-    from featsim.train import heads
-    from featsim.train.data import load_dataset
-
-    path = Path(workdir) / "model.msgpack"
-    if not path.is_file():
-        raise FileNotFoundError(f"no model.msgpack in {workdir} (the trainer writes the final "
-                                "model there)")
+    variables = RunDir(workdir).load_variables()
     module = heads.model_for(config, 1).module
-    variables = load_variables(path)
     probe = get_backbone(config.backbone, num_classes=None)
     transform = Transform.for_backbone(probe.preprocessing, config.normalization)
     data = load_dataset(source, transform, dtype=dtype or config.image_dtype)

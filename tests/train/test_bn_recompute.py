@@ -20,9 +20,9 @@ from featsim.backbones import layers, load_variables
 from featsim.backbones.registry import get_backbone
 from featsim.data.transforms import Transform
 from featsim.train import AugmentConfig, TrainConfig, heads, train_and_evaluate
-from featsim.train.batchnorm import even_batches
+from featsim.train.batchnorm import bn_description, bn_stats_mode, bn_subset, even_batches
 from featsim.train.data import Dataset
-from featsim.train.loop import bn_stats_mode, population_batch_stats
+from featsim.train.loop import population_batch_stats
 from featsim.train.steps import StepConfig
 
 
@@ -98,15 +98,13 @@ def test_bn_stats_mode_by_strategy():
 
 
 def test_bn_stats_images_limit_is_a_fixed_seeded_subset():
-    from featsim.train.loop import _bn_description, _bn_subset
-
-    np.testing.assert_array_equal(_bn_subset(10, 10, 0), np.arange(10))
-    np.testing.assert_array_equal(_bn_subset(10, 50, 0), np.arange(10))
-    pick = _bn_subset(100, 30, 3)
+    np.testing.assert_array_equal(bn_subset(10, 10, 0), np.arange(10))
+    np.testing.assert_array_equal(bn_subset(10, 50, 0), np.arange(10))
+    pick = bn_subset(100, 30, 3)
     assert len(pick) == len(set(pick)) == 30 and np.all(np.diff(pick) > 0)
-    np.testing.assert_array_equal(pick, _bn_subset(100, 30, 3))  # same every epoch / resume
-    assert not np.array_equal(pick, _bn_subset(100, 30, 4))
-    assert (_bn_description("recomputed", 30, 100)
+    np.testing.assert_array_equal(pick, bn_subset(100, 30, 3))  # same every epoch / resume
+    assert not np.array_equal(pick, bn_subset(100, 30, 4))
+    assert (bn_description("recomputed", 30, 100)
             == "recomputed on 30 of 100 training images (un-augmented)")
 
 

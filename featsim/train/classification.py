@@ -5,11 +5,13 @@ numbers Gu & Lee (2024, "Deep Transfer Learning Using Real-World Image Features 
 Image Classification", Bioengineering 11:406, sec. 5.9 and Tables 2-4) report per epoch
 (accuracy, precision, recall, F1, G-mean) plus what clinical evaluations add (specificity,
 ROC AUC and calibration; see the review of Trivedi et al., sec. 8.4 in ``shared/papers``).
-:func:`reliability_diagram` / :func:`plot_reliability` show calibration, and
-:func:`summarize_runs` reduces the metrics of several seeds to ``(mean, std)``.
+:func:`reliability_diagram` bins calibration (drawn by :func:`featsim.plots.plot_reliability`)
+and :func:`auc_ci` adds a bootstrap interval to the ROC AUC; the mean and std over seeds are
+:func:`featsim.train.summary.summarize_runs`'s.
 
-Everything here is NumPy/SciPy in float64 on the host (``jax.Array`` inputs are copied to the
-host); scikit-learn is not imported. Results are Python ``float`` (``int`` for counts).
+Everything here is NumPy in float64 on the host (``jax.Array`` inputs are copied to the
+host); scikit-learn is not imported. Results are Python ``float`` (``int`` for counts). The
+metric names are :mod:`featsim.train.metric_keys`' (no NumPy or SciPy: the CLI reads them).
 
 Definitions (``y`` the true class, ``ŷ`` the predicted class):
 
@@ -71,10 +73,12 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.stats
+
+from featsim.metrics.stats import BootstrapResult
+from featsim.train.metric_keys import BINARY_METRIC_KEYS, MULTICLASS_METRIC_KEYS
 
 __all__ = [
     "BINARY_METRIC_KEYS",
@@ -84,46 +88,8 @@ __all__ = [
     "UndefinedMetricWarning",
     "auc_ci",
     "classification_metrics",
-    "plot_reliability",
     "reliability_diagram",
-    "summarize_runs",
 ]
-
-#: Keys of :func:`classification_metrics` for binary problems, in order (``"loss"`` is
-#: appended when ``loss`` is given). ``tp, fp, tn, fn`` are ``int`` counts, the rest floats.
-BINARY_METRIC_KEYS = (
-    "accuracy",
-    "precision",
-    "recall",
-    "specificity",
-    "f1",
-    "precision_micro",
-    "recall_micro",
-    "f1_micro",
-    "g_mean",
-    "roc_auc",
-    "ece",
-    "tp",
-    "fp",
-    "tn",
-    "fn",
-)
-
-#: Keys of :func:`classification_metrics` for ``C >= 3`` classes, in order (``"loss"`` is
-#: appended when ``loss`` is given).
-MULTICLASS_METRIC_KEYS = (
-    "accuracy",
-    "precision_macro",
-    "precision_micro",
-    "recall_macro",
-    "recall_micro",
-    "f1_macro",
-    "f1_micro",
-    "specificity_macro",
-    "g_mean",
-    "roc_auc_macro",
-    "ece",
-)
 
 #: Keys of :func:`reliability_diagram`.
 RELIABILITY_KEYS = ("bin_edges", "confidence", "accuracy", "count", "ece")
@@ -240,114 +206,45 @@ def reliability_diagram(labels, probs, *, n_bins: int = 15) -> dict[str, np.ndar
     }
 
 
-def plot_reliability(diagram: Mapping[str, object], ax=None):
-    """Draws a reliability diagram from :func:`reliability_diagram`.
-
-    Bars give the accuracy of each non-empty bin, hatched bars the gap to its mean
-    confidence, and the dashed diagonal perfect calibration. matplotlib is imported here,
-    not at module import.
-
-    Args:
-      diagram: the dict returned by :func:`reliability_diagram`.
-      ax: a matplotlib ``Axes`` to draw on; a new ``4.5 x 4.5`` inch figure if None.
-
-    Returns:
-      The ``matplotlib.figure.Figure`` holding the axes.
-
-    Raises:
-      KeyError: ``diagram`` lacks one of :data:`RELIABILITY_KEYS`.
-    """
-    missing = [k for k in RELIABILITY_KEYS if k not in diagram]
-    if missing:
-        raise KeyError(
-            f"diagram lacks {missing}; expected the keys {RELIABILITY_KEYS} of "
-            "reliability_diagram()"
-        )
-    import matplotlib.pyplot as plt
-
-    edges = np.asarray(diagram["bin_edges"], dtype=np.float64)
-    conf = np.asarray(diagram["confidence"], dtype=np.float64)
-    acc = np.asarray(diagram["accuracy"], dtype=np.float64)
-    filled = np.asarray(diagram["count"]) > 0
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5), layout="constrained")
-    else:
-        fig = ax.figure
-    left, width = edges[:-1][filled], np.diff(edges)[filled]
-    ax.bar(
-        left,
-        acc[filled],
-        width=width,
-        align="edge",
-        color="tab:blue",
-        edgecolor="black",
-        linewidth=0.6,
-        label="Accuracy",
-    )
-    ax.bar(
-        left,
-        conf[filled] - acc[filled],
-        bottom=acc[filled],
-        width=width,
-        align="edge",
-        color="tab:red",
-        alpha=0.25,
-        edgecolor="tab:red",
-        hatch="//",
-        linewidth=0.6,
-        label="Gap to confidence",
-    )
-    ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="Perfect calibration")
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.0)
-    ax.set_aspect("equal")
-    ax.set_xlabel("Confidence (probability of the predicted class)")
-    ax.set_ylabel("Accuracy")
-    n = int(np.sum(diagram["count"]))
-    ax.set_title(f"Reliability diagram (ECE = {float(diagram['ece']):.3f}, n = {n})")
-    ax.legend(loc="upper left", fontsize="small")
-    return fig
-
-
-def auc_ci(labels, scores, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+def auc_ci(labels, scores, *, n_resamples: int = 1000, seed: int = 0,
+           confidence: float = 0.95):
     """ROC AUC with a stratified bootstrap percentile confidence interval.
 
     Each resample draws ``n_pos`` positives from the positives and ``n_neg`` negatives from
     the negatives, with replacement (class sizes fixed, so every resample has an AUC; the
     stratified bootstrap of pROC's ``ci.auc``, Robin et al. 2011, BMC Bioinformatics
-    12:77). The draw is, for ``b = 0..n_boot-1`` in order, with ``rng =
+    12:77). The draw is, for ``b = 0..n_resamples-1`` in order, with ``rng =
     np.random.default_rng(seed)``: ``rng.integers(0, n_pos, n_pos)`` (indices into the
     positives in data order) then ``rng.integers(0, n_neg, n_neg)`` (into the negatives).
     The AUC of a resample is the Mann-Whitney statistic (as in
     :func:`classification_metrics`, equal to ``sklearn.metrics.roc_auc_score``); the
-    interval is the ``(1 -/+ level) / 2`` quantiles of the ``n_boot`` AUCs (``np.quantile``,
-    linear interpolation; Efron & Tibshirani 1993, ch. 13).
+    interval is the ``(1 -/+ confidence) / 2`` quantiles of the ``n_resamples`` AUCs
+    (``np.quantile``, linear interpolation; Efron & Tibshirani 1993, ch. 13). The argument
+    names are :func:`featsim.metrics.bootstrap_ci`'s.
 
     Args:
       labels: ``[n]`` binary labels (0/1, bool, or integer-valued floats); class 1 positive.
       scores: ``[n]`` real scores, higher meaning more likely positive (probabilities or
         logits); ``[n, 1]`` or ``[n, 2]`` probabilities use their last column.
-      n_boot: number of bootstrap resamples, ``>= 1``.
+      n_resamples: number of bootstrap resamples, ``>= 1``.
       seed: seed of ``np.random.default_rng``; the result is deterministic for a seed.
-      level: confidence level in (0, 1).
+      confidence: confidence level in (0, 1).
 
     Returns:
       A :class:`featsim.metrics.stats.BootstrapResult`: ``estimate`` (the AUC of the data),
-      ``low``, ``high``, ``std`` (``ddof=1`` over the resamples), ``confidence=level``,
-      ``n_resamples=n_boot``, ``method="percentile"`` and ``distribution`` (float64
-      ``[n_boot]``).
+      ``low``, ``high``, ``std`` (``ddof=1`` over the resamples), ``confidence=confidence``,
+      ``n_resamples=n_resamples``, ``method="percentile"`` and ``distribution`` (float64
+      ``[n_resamples]``).
 
     Raises:
       ValueError: invalid shapes or values, labels other than 0/1, only one class present
-        (the AUC is undefined), ``n_boot < 1`` or ``level`` outside (0, 1).
+        (the AUC is undefined), ``n_resamples < 1`` or ``confidence`` outside (0, 1).
 
     Example:
-      >>> res = auc_ci([0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.2, 0.9], n_boot=200)
+      >>> res = auc_ci([0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.2, 0.9], n_resamples=200)
       >>> round(res.estimate, 4), bool(res.low <= res.estimate <= res.high)
       (0.8889, True)
     """
-    from featsim.metrics.stats import BootstrapResult
-
     scores_in = np.asarray(scores)
     if scores_in.ndim == 2 and scores_in.shape[1] in (1, 2):
         labels, probs, _ = _check_labels_probs(labels, scores_in, num_classes=2)
@@ -365,11 +262,12 @@ def auc_ci(labels, scores, *, n_boot: int = 1000, seed: int = 0, level: float = 
                 f"scores contains {int(np.sum(~np.isfinite(scores)))} NaN/inf values")
         # Probability-range checks do not apply to scores: validate labels against [n, 1].
         labels, _, _ = _check_labels_probs(labels, np.zeros((scores.size, 1)), num_classes=2)
-    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
-    level = _as_float(level, "level")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1) (exclusive), got {level}")
+    if (isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral)
+            or n_resamples < 1):
+        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
+    confidence = _as_float(confidence, "confidence")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1) (exclusive), got {confidence}")
     positive = labels == 1
     pos, neg = scores[positive], scores[~positive]
     if pos.size == 0 or neg.size == 0:
@@ -379,75 +277,17 @@ def auc_ci(labels, scores, *, n_boot: int = 1000, seed: int = 0, level: float = 
     is_pos = np.concatenate([np.ones(pos.size, bool), np.zeros(neg.size, bool)])
     estimate = _mann_whitney_auc(is_pos, np.concatenate([pos, neg]))
     rng = np.random.default_rng(seed)
-    distribution = np.empty(int(n_boot), np.float64)
-    for b in range(int(n_boot)):
+    distribution = np.empty(int(n_resamples), np.float64)
+    for b in range(int(n_resamples)):
         i = rng.integers(0, pos.size, pos.size)
         j = rng.integers(0, neg.size, neg.size)
         distribution[b] = _mann_whitney_auc(is_pos, np.concatenate([pos[i], neg[j]]))
-    low, high = np.quantile(distribution, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    low, high = np.quantile(distribution, [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0])
     return BootstrapResult(
         estimate=float(estimate), low=float(low), high=float(high),
-        std=float(np.std(distribution, ddof=1)) if n_boot > 1 else math.nan,
-        confidence=level, n_resamples=int(n_boot), method="percentile",
+        std=float(np.std(distribution, ddof=1)) if n_resamples > 1 else math.nan,
+        confidence=confidence, n_resamples=int(n_resamples), method="percentile",
         distribution=distribution)
-
-
-def summarize_runs(runs: Sequence[Mapping[str, float]]) -> dict[str, tuple[float, float]]:
-    """Mean and standard deviation of each metric over runs (e.g. ``--seeds 0,1,2``).
-
-    ``std`` is the sample standard deviation (``ddof=1``, the unbiased variance estimator's
-    root, as reported for "mean ± std over seeds"). Both are **NaN-aware**: a NaN value (e.g.
-    an undefined ROC AUC in one run) is left out of that metric's statistics, and a
-    :class:`UndefinedMetricWarning` names the metrics and how many values were left out.
-    With fewer than two finite values ``std`` is NaN; with none, both are NaN.
-
-    Args:
-      runs: a non-empty sequence of metric dicts with the same keys and numeric values, e.g.
-        from :func:`classification_metrics`.
-
-    Returns:
-      ``{key: (mean, std)}`` as Python floats, in the key order of ``runs[0]``.
-
-    Raises:
-      ValueError: ``runs`` is empty, the runs have different keys, or a value is not a
-        real number.
-
-    Example:
-      >>> summarize_runs([{"accuracy": 0.8}, {"accuracy": 0.9}, {"accuracy": 1.0}])
-      {'accuracy': (0.9, 0.09999999999999998)}
-    """
-    if isinstance(runs, Mapping) or not isinstance(runs, Sequence):
-        raise ValueError(f"runs must be a sequence of metric dicts, got {type(runs).__name__}")
-    if not runs:
-        raise ValueError("runs is empty: need at least one metric dict")
-    keys = list(runs[0])
-    for i, run in enumerate(runs):
-        if set(run) != set(keys):
-            extra = sorted(set(run) - set(keys))
-            lacking = sorted(set(keys) - set(run))
-            raise ValueError(
-                f"runs[{i}] has different keys from runs[0]: extra {extra}, missing {lacking}"
-            )
-    summary: dict[str, tuple[float, float]] = {}
-    skipped: dict[str, int] = {}
-    for key in keys:
-        values = np.array(
-            [_as_float(run[key], f"runs[{i}][{key!r}]") for i, run in enumerate(runs)]
-        )
-        finite = values[~np.isnan(values)]
-        if finite.size < values.size:
-            skipped[key] = values.size - finite.size
-        mean = float(np.mean(finite)) if finite.size else math.nan
-        std = float(np.std(finite, ddof=1)) if finite.size >= 2 else math.nan
-        summary[key] = (mean, std)
-    if skipped:
-        detail = ", ".join(f"{k!r}: {v} of {len(runs)}" for k, v in skipped.items())
-        warnings.warn(
-            f"summarize_runs left NaN values out of the mean and std ({detail})",
-            UndefinedMetricWarning,
-            stacklevel=2,
-        )
-    return summary
 
 
 # --------------------------------------------------------------------------------------------

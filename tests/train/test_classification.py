@@ -1,4 +1,4 @@
-"""featsim.train.evaluation against scikit-learn and hand-computed references."""
+"""featsim.train.classification against scikit-learn and hand-computed references."""
 
 import math
 import warnings
@@ -16,7 +16,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from featsim.train.evaluation import (
+from featsim.train.classification import (
     BINARY_METRIC_KEYS,
     MULTICLASS_METRIC_KEYS,
     PROB_SUM_ATOL,
@@ -24,9 +24,7 @@ from featsim.train.evaluation import (
     UndefinedMetricWarning,
     auc_ci,
     classification_metrics,
-    plot_reliability,
     reliability_diagram,
-    summarize_runs,
 )
 
 
@@ -356,71 +354,6 @@ def test_reliability_diagram_multiclass():
     np.testing.assert_allclose(d["ece"], _naive_ece(labels, probs, 10), rtol=1e-12)
 
 
-def test_plot_reliability():
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels, p = _binary_data(n=100, seed=10)
-    d = reliability_diagram(labels, p, n_bins=10)
-    fig = plot_reliability(d)
-    try:
-        (ax,) = fig.axes
-        assert "Confidence" in ax.get_xlabel() and ax.get_ylabel() == "Accuracy"
-        assert f"ECE = {d['ece']:.3f}" in ax.get_title()
-        assert ax.get_xlim() == (0.0, 1.0)
-    finally:
-        plt.close(fig)
-    fig2, ax2 = plt.subplots()
-    try:
-        assert plot_reliability(d, ax=ax2) is fig2
-    finally:
-        plt.close(fig2)
-    with pytest.raises(KeyError, match="count"):
-        plot_reliability({k: v for k, v in d.items() if k != "count"})
-
-
-# ------------------------------------------------------------------------------------------
-# summarize_runs
-# ------------------------------------------------------------------------------------------
-
-
-def test_summarize_runs_mean_std():
-    runs = [classification_metrics(*_binary_data(n=80, seed=s)) for s in range(3)]
-    summary = _quiet(summarize_runs, runs)
-    assert tuple(summary) == BINARY_METRIC_KEYS
-    for key, (mean, std) in summary.items():
-        values = np.array([r[key] for r in runs], dtype=np.float64)
-        np.testing.assert_allclose(mean, values.mean(), rtol=1e-12)
-        np.testing.assert_allclose(std, values.std(ddof=1), rtol=1e-12, atol=1e-15)
-        assert type(mean) is float and type(std) is float
-
-
-def test_summarize_runs_nan_aware():
-    runs = [{"auc": 0.8, "acc": 0.5}, {"auc": math.nan, "acc": 0.6}, {"auc": 0.9, "acc": 0.7}]
-    with pytest.warns(UndefinedMetricWarning, match=r"'auc': 1 of 3"):
-        summary = summarize_runs(runs)
-    assert summary["auc"][0] == pytest.approx(0.85)
-    assert summary["auc"][1] == pytest.approx(np.std([0.8, 0.9], ddof=1))
-    assert summary["acc"] == pytest.approx((0.6, 0.1))
-
-
-def test_summarize_runs_degenerate():
-    one = _quiet(summarize_runs, [{"acc": 0.5}])
-    assert one["acc"][0] == 0.5 and math.isnan(one["acc"][1])
-    with pytest.warns(UndefinedMetricWarning):
-        none = summarize_runs([{"auc": math.nan}, {"auc": math.nan}])
-    assert all(math.isnan(v) for v in none["auc"])
-    with pytest.raises(ValueError, match="empty"):
-        summarize_runs([])
-    with pytest.raises(ValueError, match=r"runs\[1\] has different keys.*missing \['b'\]"):
-        summarize_runs([{"a": 1.0, "b": 2.0}, {"a": 1.0}])
-    with pytest.raises(ValueError, match="real number"):
-        summarize_runs([{"model": "resnet18"}])
-    with pytest.raises(ValueError, match="sequence"):
-        summarize_runs({"acc": 0.5})
-
-
 # ------------------------------------------------------------------------------------------
 # Binary micro averages (El Azhari reports micro precision, recall and F1)
 # ------------------------------------------------------------------------------------------
@@ -465,7 +398,7 @@ def _sklearn_stratified_bootstrap(labels, scores, n_boot, seed):
 def test_auc_ci_matches_sklearn_on_the_same_resamples(coarse):
     labels, p = _binary_data(n=120, seed=11)
     scores = np.round(p, 1) if coarse else p  # ties within and across classes
-    res = _quiet(auc_ci, labels, scores, n_boot=300, seed=7, level=0.9)
+    res = _quiet(auc_ci, labels, scores, n_resamples=300, seed=7, confidence=0.9)
     want = _sklearn_stratified_bootstrap(labels, scores, 300, 7)
     np.testing.assert_allclose(res.distribution, want, rtol=1e-12)
     np.testing.assert_allclose(res.estimate, roc_auc_score(labels, scores), rtol=1e-12)
@@ -478,21 +411,21 @@ def test_auc_ci_matches_sklearn_on_the_same_resamples(coarse):
 
 def test_auc_ci_other_seed_agrees_within_monte_carlo_error():
     labels, p = _binary_data(n=200, seed=12)
-    a = auc_ci(labels, p, n_boot=2000, seed=0)
+    a = auc_ci(labels, p, n_resamples=2000, seed=0)
     b = _sklearn_stratified_bootstrap(labels, p, 2000, 123)  # independent resamples
     lo, hi = np.percentile(b, [2.5, 97.5])
     # Monte Carlo error of a 2.5% quantile from 2000 resamples is ~0.005 here.
     assert abs(a.low - lo) < 0.02 and abs(a.high - hi) < 0.02
-    again = auc_ci(labels, p, n_boot=2000, seed=0)  # deterministic for a seed
+    again = auc_ci(labels, p, n_resamples=2000, seed=0)  # deterministic for a seed
     np.testing.assert_array_equal(again.distribution, a.distribution)
 
 
 def test_auc_ci_accepts_logits_and_probability_columns():
     labels, p = _binary_data(n=60, seed=13)
     logit = np.log(p / (1 - p))  # outside [0, 1]; same ranks as p
-    ref = auc_ci(labels, p, n_boot=50, seed=1)
+    ref = auc_ci(labels, p, n_resamples=50, seed=1)
     for scores in (logit, p[:, None], np.stack([1 - p, p], axis=1)):
-        got = auc_ci(labels, scores, n_boot=50, seed=1)
+        got = auc_ci(labels, scores, n_resamples=50, seed=1)
         np.testing.assert_allclose(got.distribution, ref.distribution, rtol=1e-12)
         assert (got.estimate, got.low, got.high) == pytest.approx(
             (ref.estimate, ref.low, ref.high), rel=1e-12)
@@ -504,8 +437,8 @@ def test_auc_ci_accepts_logits_and_probability_columns():
     ([0, 1], [0.2, np.nan], {}, "NaN/inf"),
     ([0, 1], [[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]], {}, "shape"),
     ([0, 1, 1], [0.2, 0.4], {}, "labels must have shape"),
-    ([0, 1], [0.2, 0.4], {"n_boot": 0}, "n_boot"),
-    ([0, 1], [0.2, 0.4], {"level": 1.0}, "level"),
+    ([0, 1], [0.2, 0.4], {"n_resamples": 0}, "n_resamples"),
+    ([0, 1], [0.2, 0.4], {"confidence": 1.0}, "confidence"),
 ])
 def test_auc_ci_invalid_input(labels, scores, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +49,7 @@ from featsim.backbones.weights import save_variables
 from featsim.data.items import Source
 from featsim.data.sources import open_source
 from featsim.data.transforms import Transform
+from featsim.rundir import RunDir
 from featsim.train import strategies
 from featsim.train.autoencoder import (
     AutoencoderStepConfig,
@@ -63,10 +63,6 @@ from featsim.train.autoencoder import (
 from featsim.train.batchnorm import recompute_batch_stats
 from featsim.train.config import SCHEDULES
 from featsim.train.data import Dataset, batches, load_dataset, split_validation
-from featsim.train.runfiles import load_checkpoint as _load_checkpoint
-from featsim.train.runfiles import save_checkpoint as _save_checkpoint
-from featsim.train.runfiles import save_json as _save_json
-from featsim.train.runfiles import write_history as _write_history
 from featsim.train.steps import TrainState
 
 __all__ = [
@@ -75,6 +71,7 @@ __all__ = [
     "PretrainConfig",
     "build_autoencoder",
     "encoder_variables",
+    "initial_autoencoder_variables",
     "load_unlabelled",
     "pretrain",
     "pretrain_transform",
@@ -225,7 +222,7 @@ def build_autoencoder(config: PretrainConfig, *, bn_axis_name: str | None = None
     return module, layer, size
 
 
-def _initial_variables(config: PretrainConfig, module, size: int, rng, weights):
+def initial_autoencoder_variables(config: PretrainConfig, module, size: int, rng, weights):
     """Random autoencoder variables, the encoder's replaced by ImageNet ones if asked."""
     init = jax.jit(lambda key, x: module.init(key, x, train=False))
     variables = jax.tree.map(np.asarray, init(rng, jnp.zeros((1, size, size, 3), jnp.float32)))
@@ -319,8 +316,7 @@ def pretrain(
         KeyError: unknown backbone. ValueError: a bad layer, ``limit`` or image.
         FileNotFoundError: ``init="imagenet"`` without available weights.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(workdir).create()
     started = time.perf_counter()
     ndev = jax.device_count()
     batch_size = -(-config.batch_size // ndev) * ndev
@@ -339,7 +335,7 @@ def pretrain(
     module, layer, _ = build_autoencoder(config, bn_axis_name=parallel.DATA_AXIS)
     rng = jax.random.key(config.seed)
     init_key, data_key, step_key = jax.random.split(rng, 3)
-    variables = _initial_variables(config, module, size, init_key, weights)
+    variables = initial_autoencoder_variables(config, module, size, init_key, weights)
     steps_per_epoch = math.ceil(len(data) / batch_size)
     schedule = strategies.schedule_for(config, steps_per_epoch)
     tx = (optax.adamw(schedule, weight_decay=config.weight_decay) if config.weight_decay
@@ -350,16 +346,14 @@ def pretrain(
     step_config = AutoencoderStepConfig(module=module, scale=tuple(float(v) for v in scale),
                                         offset=tuple(float(v) for v in offset),
                                         axis_name=parallel.DATA_AXIS)
-    (workdir / "config.json").write_text(config.to_json() + "\n")
+    run.write_config(config)
     p_train = parallel.pmap(make_pretrain_step(step_config), in_axes=(0, 0, None))
     p_eval = parallel.pmap(make_reconstruction_eval_step(step_config))
     state = parallel.replicate(state)
     history: list[dict] = []
     start_epoch = 0
-    checkpoint = workdir / "checkpoint.msgpack"
-    if resume and checkpoint.exists():
-        host_state, start_epoch, history, _ = _load_checkpoint(checkpoint,
-                                                            parallel.unreplicate(state))
+    if resume and run.checkpoint_file.exists():
+        host_state, start_epoch, history, _ = run.load_checkpoint(parallel.unreplicate(state))
         state = parallel.replicate(host_state)
     bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"{config.backbone} autoencoder",
                unit="epoch", disable=not progress)
@@ -373,8 +367,8 @@ def pretrain(
             row["val_loss"] = _evaluate(p_eval, state, val, batch_size)
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        _save_checkpoint(checkpoint, state, epoch + 1, history)
-        _write_history(workdir, history)
+        run.save_checkpoint(parallel.unreplicate(state), epoch + 1, history)
+        run.write_history(history)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.4f}")
     bar.close()
@@ -390,13 +384,13 @@ def pretrain(
                 p_eval, parallel.replicate(host.replace(batch_stats=variables["batch_stats"])),
                 val, batch_size)
             bn_info["val_loss_running_stats"] = history[-1]["val_loss"]
-        _write_history(workdir, history)
+        run.write_history(history)
     metadata = {"backbone": config.backbone, "num_classes": "0", "kind": "autoencoder_encoder",
                 "layer": layer, "init": config.init, "config": config.to_json(),
                 "batch_stats": ("running averages of training" if bn_info is None else
                                 f"recomputed over {bn_info['images']} training images")}
-    save_variables(workdir / ENCODER_FILENAME, encoder_variables(variables), metadata=metadata)
-    save_variables(workdir / "autoencoder.msgpack", variables,
+    save_variables(run.encoder_file, encoder_variables(variables), metadata=metadata)
+    save_variables(run.autoencoder_file, variables,
                    metadata=dict(metadata, kind="autoencoder"))
     code_shape = feature_shapes(module.encoder, (1, size, size, 3))[layer][1:]
     result = {"train_loss": history[-1]["train_loss"], "epochs_run": len(history),
@@ -404,11 +398,11 @@ def pretrain(
               "n_train": len(data), "n_val": 0 if val is None else len(val),
               "batch_stats_recomputed": bn_info or False,
               "seconds": time.perf_counter() - started, "devices": ndev,
-              "encoder": str(workdir / ENCODER_FILENAME), "config": config.to_dict(),
+              "encoder": str(run.encoder_file), "config": config.to_dict(),
               "featsim_version": featsim.__version__}
     if val is not None:  # of the saved variables
         result["val_loss"] = bn_info["val_loss"] if bn_info else history[-1]["val_loss"]
-    _save_json(workdir / "metrics.json", result)
+    run.write_metrics(result)
     return result
 
 
