@@ -21,6 +21,7 @@ from featsim._args import (
 )
 from featsim.train.config import (  # plain values: no JAX while the parser is built
     CLASS_WEIGHTINGS,
+    COMPUTE_DTYPES,
     HEADS,
     IMAGE_DTYPES,
     INITS,
@@ -322,6 +323,8 @@ _TRAIN_FLAGS = {
                           "condition holds, e.g. El Azhari's 'val_accuracy>=0.89,"
                           "val_loss<0.3' (operators >=, >, <=, <; needs --val-fraction)"},
     "image_dtype": {"help": "how decoded training images are held in memory"},
+    "compute_dtype": {"help": "dtype of the forward and backward pass (bfloat16: mixed "
+                              "precision, float32 parameters and BatchNorm statistics)"},
     "seed": {"flags": ("--seeds",), "type": seed_list, "metavar": "SEEDS",
              "default_shown": "0, or --config's seed",
              "help": "comma-separated seeds, one run each, e.g. 0,1,2"},
@@ -338,7 +341,7 @@ _TRAIN_FLAGS = {
 }
 _TRAIN_CHOICES = {"strategy": STRATEGIES, "schedule": SCHEDULES, "head": HEADS, "init": INITS,
                   "class_weighting": CLASS_WEIGHTINGS, "normalization": NORMALIZATIONS,
-                  "image_dtype": IMAGE_DTYPES}
+                  "image_dtype": IMAGE_DTYPES, "compute_dtype": COMPUTE_DTYPES}
 _ANNOTATION_TYPES = {"int": int, "float": float, "str": str}
 
 

@@ -21,10 +21,11 @@ __all__ = [
     "DATA_AXIS",
     "data_parallel",
     "device_count",
+    "fetch",
     "local_mesh",
+    "local_rows",
     "pad_batch",
     "pmap",
-    "process_slice",
     "replicate",
     "shard",
     "unreplicate",
@@ -137,18 +138,29 @@ def unshard(x) -> np.ndarray:
     return x.reshape(-1, *x.shape[2:])
 
 
-def process_slice(index: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """This process's contiguous share of a global batch (multi-host training).
+def local_rows(x, axis: int = 0):
+    """Inside a :func:`pmap` program: this device's contiguous share of a *global* batch
+    axis (the rows ``shard`` would have given it; devices of all processes in order).
 
-    After ``jax.distributed.initialize()``, every process builds the same global batch (same
-    seed, same order) and feeds only its share to its local devices; ``pmap``'s collectives
-    then span all hosts. With one process this is the identity.
+    The training programs build each global batch on the device and call this to pick the
+    rows the device computes on, so no batch is gathered or split on the host.
     """
-    count = jax.process_count()
-    if count == 1:
-        return index, mask
-    if len(index) % count:
-        raise ValueError(f"global batch of {len(index)} does not split over {count} processes")
-    share = len(index) // count
-    start = jax.process_index() * share
-    return index[start:start + share], mask[start:start + share]
+    from jax import lax
+
+    ndev = jax.device_count()
+    size = x.shape[axis]
+    if size % ndev:
+        raise ValueError(f"axis {axis} of size {size} is not a multiple of {ndev} devices")
+    share = size // ndev
+    return lax.dynamic_slice_in_dim(x, lax.axis_index(DATA_AXIS) * share, share, axis)
+
+
+def fetch(tree, *, replicated: bool = False):
+    """Device outputs of a :func:`pmap` program to host numpy arrays, in one transfer.
+
+    Args:
+        replicated: the leaves are identical on every device (``psum`` results, the
+            state): keep the first device's copy. Otherwise the leading device axis is kept.
+    """
+    host = jax.device_get(tree)
+    return jax.tree.map(lambda x: np.asarray(x[0]), host) if replicated else host

@@ -2,10 +2,11 @@
 
 Modules: ``config`` (``TrainConfig``, ``AugmentConfig``: plain values, no JAX), ``loop``
 (``train_and_evaluate``, ``run_seeds``), ``linear_probe`` (the cached-feature path),
-``pretraining`` (autoencoder pretraining), ``steps``, ``heads``, ``strategies``, ``losses``,
-``augment``, ``batchnorm``, ``data``, ``callbacks`` (``StopWhen``), ``classification``
-(metrics of a classifier), ``summary`` (mean and std over seeds), ``predict``. A run's folder
-is :class:`featsim.rundir.RunDir`.
+``pretraining`` (autoencoder pretraining), ``epoch`` (the epoch driver all three share),
+``steps``, ``heads``, ``strategies``, ``optim``, ``losses``, ``augment``, ``batchnorm``,
+``datasets``, ``callbacks`` (``StopWhen``), ``classification`` (metrics of a classifier),
+``summary`` (mean and std over seeds), ``predict``. A run's folder is
+:class:`featsim.rundir.RunDir`.
 """
 
 import importlib
@@ -23,7 +24,7 @@ _EXPORTS = {
     "AugmentConfig": "config",
     "ConvAutoencoder": "autoencoder",
     "ConvDecoder": "autoencoder",
-    "Dataset": "data",
+    "Dataset": "datasets",
     "HeadedBackbone": "heads",
     "PretrainConfig": "pretraining",
     "StopWhen": "callbacks",
@@ -31,13 +32,13 @@ _EXPORTS = {
     "TrainState": "steps",
     "auc_ci": "classification",
     "augment_batch": "augment",
-    "batches": "data",
+    "batches": "datasets",
     "build_model": "heads",
     "class_weights": "losses",
     "classification_metrics": "classification",
     "create_train_state": "loop",
     "evaluate": "loop",
-    "load_dataset": "data",
+    "load_dataset": "datasets",
     "load_unlabelled": "pretraining",
     "make_eval_step": "steps",
     "make_train_step": "steps",
@@ -46,7 +47,7 @@ _EXPORTS = {
     "recompute_batch_stats": "batchnorm",
     "reliability_diagram": "classification",
     "run_seeds": "loop",
-    "split_validation": "data",
+    "split_validation": "datasets",
     "summarize_runs": "summary",
     "train_and_evaluate": "loop",
     "weighted_bce": "losses",

@@ -18,6 +18,7 @@ from featsim.train.callbacks import StopWhen
 
 __all__ = [
     "CLASS_WEIGHTINGS",
+    "COMPUTE_DTYPES",
     "HEADS",
     "IMAGE_DTYPES",
     "INITS",
@@ -50,6 +51,9 @@ CLASS_WEIGHTINGS = ("balanced", "none")
 NORMALIZATIONS = ("paper", "backbone")
 # How decoded images are held: uint8 (4x smaller) or float32 (as the feature pipeline).
 IMAGE_DTYPES = ("uint8", "float32")
+# The dtype of the forward and backward pass; parameters, optimiser state and BatchNorm
+# statistics stay float32 (mixed precision).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 _MAX_PIXEL = 255.0
 
 
@@ -191,6 +195,10 @@ class TrainConfig:
             (then the best-validation-loss model is). None: no such rule.
         image_dtype: how decoded training images are held in memory: ``"uint8"`` (rounded,
             4x smaller) or ``"float32"`` (bit-compatible with the feature pipeline).
+        compute_dtype: one of :data:`COMPUTE_DTYPES`: the forward and backward pass in
+            ``"bfloat16"`` (activations and a bfloat16 copy of the weights; the loss, the
+            parameters, the optimiser state and the BatchNorm statistics stay float32), for
+            accelerators with bfloat16 units; ``"float32"`` (default) everywhere else.
         seed: PRNG seed (head init, data order, augmentation, validation split).
         init: one of :data:`INITS`: where the body starts for ``linear``, ``partial`` and
             ``finetune``. ``"random"`` with ``linear`` freezes a randomly initialised body
@@ -234,6 +242,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     stop_when: tuple[tuple[str, str, float], ...] | None = None
     image_dtype: str = "uint8"
+    compute_dtype: str = "float32"
     seed: int = 0
     init: str = "pretrained"
     recompute_bn_stats: bool = True
@@ -277,6 +286,8 @@ class TrainConfig:
             (self.normalization in NORMALIZATIONS,
              f"normalization must be one of {NORMALIZATIONS}"),
             (self.image_dtype in IMAGE_DTYPES, f"image_dtype must be one of {IMAGE_DTYPES}"),
+            (self.compute_dtype in COMPUTE_DTYPES,
+             f"compute_dtype must be one of {COMPUTE_DTYPES}"),
             (self.early_stopping_patience is None or self.val_fraction > 0,
              "early stopping needs a validation split (val_fraction > 0)"),
             (self.stop_when is None or self.val_fraction > 0,

@@ -12,7 +12,7 @@
   featsim uses ReLU (without one the two layers would collapse to a single linear map).
   Kernels use Glorot-uniform init and zero biases, the Keras defaults she trained with. The
   flattened size fixes the input resolution: the head is built for the backbone's
-  ``input_size`` (what :func:`~featsim.train.data.load_dataset` resizes to).
+  ``input_size`` (what :func:`~featsim.train.datasets.load_dataset` resizes to).
 
 An auxiliary regression head (Park, "Cross-domain transfer learning for medical condition
 classification from infant X-ray images", eq. 3-4: ``L_total = L_CE + alpha * L_MSE`` with
@@ -159,7 +159,22 @@ def build_model(name: str, num_classes: int, *, head: str = "linear", hidden: in
 
 
 def model_for(config, num_classes: int, **kwargs) -> Backbone:
-    """:func:`build_model` for a :class:`~featsim.train.TrainConfig`."""
+    """:func:`build_model` for a :class:`~featsim.train.TrainConfig`.
+
+    With ``config.compute_dtype`` other than float32 the backbone's layers compute in it
+    (its ``dtype`` field; parameters and BatchNorm statistics stay float32).
+
+    Raises:
+        ValueError: a compute dtype for a backbone module without a ``dtype`` field.
+    """
+    compute = getattr(config, "compute_dtype", "float32")
+    if compute != "float32":
+        probe = get_backbone(config.backbone, num_classes=None)
+        if "dtype" not in {f.name for f in dataclasses.fields(probe.module)}:
+            raise ValueError(f"compute_dtype={compute!r}: backbone {config.backbone!r} "
+                             f"({type(probe.module).__name__}) has no dtype field; use "
+                             "compute_dtype='float32'")
+        kwargs = {"dtype": jnp.dtype(compute), **kwargs}
     return build_model(config.backbone, num_classes, head=config.head,
                        hidden=config.head_hidden, aux_outputs=config.aux_targets, **kwargs)
 

@@ -18,21 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax import lax
 
 import featsim
+from featsim import parallel
 from featsim.backbones.registry import Backbone, get_backbone, load_pretrained
 from featsim.data.transforms import Transform
 from featsim.features.extract import extract_features
 from featsim.rundir import RunDir, model_metadata
-from featsim.train import strategies
+from featsim.train import optim, strategies
 from featsim.train.batchnorm import bn_description, bn_stats_mode
 from featsim.train.classification import classification_metrics
 from featsim.train.config import TrainConfig
-from featsim.train.data import batches
+from featsim.train.epoch import DeviceData, evaluate_data, run_epoch
 from featsim.train.heads import initial_variables
 from featsim.train.losses import class_weights as balanced_class_weights
 from featsim.train.losses import weighted_example_losses as example_losses
-from featsim.train.steps import probabilities
+from featsim.train.steps import TrainState, probabilities
 
 __all__ = ["fit_head", "head_layer", "train_linear_probe"]
 
@@ -104,7 +106,7 @@ def train_linear_probe(config: TrainConfig, workdir, *, train, test, weights=Non
     result = {f"test_{k}": v for k, v in evaluate(head, "test").items()}
     result.update(epoch=config.epochs, epochs_run=config.epochs, n_train=len(x["train"]),
                   n_val=0, n_test=len(x["test"]), seconds=time.perf_counter() - started,
-                  devices=1, path="cached_features",
+                  devices=jax.device_count(), path="cached_features",
                   bn_stats=bn_text, bn_stats_images=0, config=config.to_dict(),
                   featsim_version=featsim.__version__)
     run.write_metrics(result)
@@ -115,62 +117,74 @@ def fit_head(config: TrainConfig, head, x, labels, num_classes: int, data_key):
     """Trains ``head`` (``{"kernel": [d, K], "bias": [K]}``) on features ``x["train"]``,
     evaluating on ``x["test"]`` every epoch; returns ``(head, history, evaluate)``.
 
-    The batches, loss, optimiser and schedule are the end-to-end loop's (one device).
+    The batches, loss, optimiser, schedule and epoch driver (:mod:`featsim.train.epoch`)
+    are the end-to-end loop's; the features stay on the devices for the whole run.
     """
     weights_c = (balanced_class_weights(labels["train"], num_classes)
                  if config.class_weighting == "balanced" else np.ones(num_classes, np.float32))
     weights_c = jnp.asarray(weights_c)
-    steps_per_epoch = math.ceil(len(x["train"]) / config.batch_size)
-    tx = strategies.make_optimizer({"kernel": "head", "bias": "head"},
-                                   strategies.schedule_for(config, steps_per_epoch),
-                                   body_lr_scale=config.body_lr_scale,
-                                   weight_decay=config.weight_decay)
-    opt_state = tx.init(head)
+    ndev = jax.device_count()
+    batch_size = -(-config.batch_size // ndev) * ndev  # as the end-to-end loop rounds it
+    steps_per_epoch = math.ceil(len(x["train"]) / batch_size)
+    tx = optim.make_optimizer({"kernel": "head", "bias": "head"},
+                              optim.schedule_for(config, steps_per_epoch),
+                              body_lr_scale=config.body_lr_scale,
+                              weight_decay=config.weight_decay)
+    state = parallel.replicate(TrainState.create(apply_fn=None, params=head, tx=tx))
 
     def logits_of(h, f):
         return f @ h["kernel"] + h["bias"]
 
-    @jax.jit
-    def step(h, opt_state, f, y, mask):
+    def sum_over_devices(value):
+        return lax.psum(value, parallel.DATA_AXIS)
+
+    def step(state, batch, key):
+        del key
+        f, y, mask = batch["features"], batch["labels"], batch["mask"]
+        count = sum_over_devices(mask.sum())
+
         def loss_fn(h):
             losses = example_losses(logits_of(h, f), y, weights_c)
-            return jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1.0)
+            return jnp.sum(losses * mask) / jnp.maximum(count, 1.0)
 
-        logits = logits_of(h, f)
-        loss, grads = jax.value_and_grad(loss_fn)(h)
-        updates, opt_state = tx.update(grads, opt_state, h)
-        h = jax.tree.map(lambda p, u: p + u, h, updates)
-        return h, opt_state, loss * mask.sum(), probabilities(logits)
+        probs = probabilities(logits_of(state.params, f))
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        state = state.apply_gradients(grads=sum_over_devices(grads))
+        loss = sum_over_devices(loss)
+        return state, {"loss_sum": loss * count, "count": count, "probs": probs}
 
-    @jax.jit
-    def predict(h, f, y):
-        logits = logits_of(h, f)
-        return example_losses(logits, y, weights_c), probabilities(logits)
+    def eval_step(state, batch):
+        f, y, mask = batch["features"], batch["labels"], batch["mask"]
+        logits = logits_of(state.params, f)
+        losses = example_losses(logits, y, weights_c) * mask
+        return {"loss_sum": sum_over_devices(losses.sum()),
+                "count": sum_over_devices(mask.sum()), "probs": probabilities(logits)}
+
+    data = {name: DeviceData.put({"features": x[name], "labels": labels[name]}) for name in x}
+
+    def metrics_of(outputs, name):
+        sums, collected, rows = outputs.fetch()
+        return classification_metrics(labels[name][rows], collected["probs"],
+                                      num_classes=num_classes,
+                                      loss=sums["loss_sum"] / sums["count"])
+
+    def evaluate_state(state, name):
+        return metrics_of(evaluate_data(eval_step, state, data[name], batch_size), name)
 
     def evaluate(h, name):
-        losses, probs = predict(h, x[name], labels[name])
-        return classification_metrics(labels[name], np.asarray(probs),
-                                      num_classes=num_classes,
-                                      loss=float(np.mean(np.asarray(losses))))
+        """Metrics of the (host) head ``h`` on ``x[name]``."""
+        return evaluate_state(state.replace(params=parallel.replicate(h)), name)
 
     history = []
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
-        loss_sum, probs, seen = 0.0, [], []
-        epoch_key = jax.random.fold_in(data_key, epoch)
-        for index, mask in batches(len(x["train"]), config.batch_size,
-                                   shuffle_key=epoch_key):
-            head, opt_state, loss, p = step(head, opt_state, x["train"][index],
-                                            labels["train"][index], mask)
-            loss_sum += float(loss)
-            probs.append(np.asarray(p)[mask > 0])
-            seen.append(index[mask > 0])
+        state, outputs = run_epoch(step, state, data["train"], batch_size,
+                                   order_key=jax.random.fold_in(data_key, epoch))
         row = {"epoch": epoch + 1}
-        row.update({f"train_{k}": v for k, v in classification_metrics(
-            labels["train"][np.concatenate(seen)], np.concatenate(probs),
-            num_classes=num_classes, loss=loss_sum / len(x["train"])).items()})
+        row.update({f"train_{k}": v for k, v in metrics_of(outputs, "train").items()})
         if "test" in x:
-            row.update({f"test_{k}": v for k, v in evaluate(head, "test").items()})
+            row.update({f"test_{k}": v for k, v in evaluate_state(state, "test").items()})
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-    return head, history, evaluate
+    return parallel.fetch(state.params, replicated=True), history, evaluate
+

@@ -17,10 +17,12 @@ device count and padding leave results unchanged. ``metrics.json`` says which st
 the reported model has (``bn_stats``, ``bn_stats_images``); ``history`` rows record
 ``bn_stats_images`` per epoch.
 
-Multi-host: call ``jax.distributed.initialize()`` first; every process then builds the same
-global batches and feeds its share (:func:`featsim.parallel.process_slice`) to its local
-devices, and ``pmap``'s collectives span all hosts. Only process 0 needs to write files
-(not enforced yet: give each process its own ``workdir``).
+The epochs run in :mod:`featsim.train.epoch`: the data are copied to the devices once, each
+epoch is one compiled program (batches built on the device, metrics accumulated there and
+fetched once per epoch). Multi-host: call ``jax.distributed.initialize()`` first; every
+process then builds the same global batches and its devices take their rows
+(:func:`featsim.parallel.local_rows`), and ``pmap``'s collectives span all hosts. Only
+process 0 needs to write files (not enforced yet: give each process its own ``workdir``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from featsim import parallel
 from featsim.backbones.registry import get_backbone
 from featsim.data.transforms import Transform
 from featsim.rundir import RunDir, model_metadata
-from featsim.train import heads, strategies
+from featsim.train import heads, optim, strategies
 from featsim.train.batchnorm import (
     bn_description,
     bn_stats_mode,
@@ -51,7 +53,8 @@ from featsim.train.batchnorm import (
 from featsim.train.callbacks import StopWhen
 from featsim.train.classification import classification_metrics
 from featsim.train.config import TrainConfig
-from featsim.train.data import Dataset, batches, load_dataset, split_validation
+from featsim.train.datasets import Dataset, load_dataset, split_validation
+from featsim.train.epoch import DeviceData, EpochOutputs, evaluate_data, run_epoch
 from featsim.train.linear_probe import train_linear_probe
 from featsim.train.losses import class_weights as balanced_class_weights
 from featsim.train.metric_keys import BINARY_METRIC_KEYS, MULTICLASS_METRIC_KEYS
@@ -77,13 +80,15 @@ def create_train_state(config: TrainConfig, num_classes: int, steps_per_epoch: i
                        weights=None):
     """The initial :class:`TrainState` and the static :class:`StepConfig` of a run."""
     backbone, variables = heads.initial_variables(config, num_classes, rng, weights)
+    # bfloat16 compute: the layers cast their float32 parameters and inputs (Flax's dtype
+    # field, set by model_for); BatchNorm statistics are reduced and kept in float32.
     module = heads.model_for(config, num_classes, bn_axis_name=parallel.DATA_AXIS).module
     stages = strategies.leaf_stages(backbone.module, variables, backbone.input_shape)
     labels = strategies.strategy_labels(stages, config.strategy,
                                         partial_stages=config.partial_stages)
     param_labels = traverse_util.unflatten_dict(
         {k[1:]: v for k, v in labels.items() if k[0] == "params"})
-    tx = strategies.make_optimizer(param_labels, strategies.schedule_for(config, steps_per_epoch),
+    tx = optim.make_optimizer(param_labels, optim.schedule_for(config, steps_per_epoch),
                                    body_lr_scale=config.body_lr_scale,
                                    weight_decay=config.weight_decay)
     state = TrainState.create(apply_fn=module.apply, params=variables["params"], tx=tx,
@@ -102,6 +107,7 @@ def create_train_state(config: TrainConfig, num_classes: int, steps_per_epoch: i
         axis_name=parallel.DATA_AXIS,
         aux_targets=config.aux_targets,
         aux_weight=config.aux_weight,
+        compute_dtype=config.compute_dtype,
     )
     return state, step_config, backbone, transform
 
@@ -155,26 +161,35 @@ def _normalized_apply(module, step_config: StepConfig):
     return _APPLY_CACHE[key]
 
 
-def _batch(dataset: Dataset, index, mask):
-    batch = {"images": dataset.images[index], "labels": dataset.labels[index], "mask": mask}
-    if dataset.targets is not None:
-        batch["targets"] = dataset.targets[index]
-    return batch
-
-
 _AUX_SUMS = {"ce_sum": "class_loss", "aux_err_sum": "aux_mse"}  # step output -> metric
 
 
-def _add_aux_sums(sums: dict, out) -> None:
-    for key in _AUX_SUMS:
-        if key in out:
-            sums[key] = sums.get(key, 0.0) + float(np.asarray(out[key])[0])
+def device_data(dataset: Dataset) -> DeviceData:
+    """A dataset's images, labels (and regression targets) on the devices, once per run."""
+    return DeviceData.put({"images": dataset.images, "labels": dataset.labels,
+                           "targets": dataset.targets})
 
 
-def _aux_metrics(sums: dict, count: float) -> dict:
-    """With an auxiliary head: the class-weighted cross-entropy alone and the regression
-    MSE (mean over examples and targets), beside the total ``loss``."""
-    return {name: sums[key] / count for key, name in _AUX_SUMS.items() if key in sums}
+def epoch_metrics(outputs: EpochOutputs, labels: np.ndarray, num_classes: int) -> dict:
+    """Loss and every classification metric of an epoch's outputs (one fetch). With an
+    auxiliary head also the class-weighted cross-entropy alone and the regression MSE (mean
+    over examples and targets), beside the total ``loss``.
+
+    The loss is global (psum); with several processes the other metrics cover this
+    process's share of the examples.
+    """
+    sums, collected, rows = outputs.fetch()
+    count = sums["count"]
+    metrics = classification_metrics(labels[rows], collected["probs"],
+                                     num_classes=num_classes, loss=sums["loss_sum"] / count)
+    metrics.update({name: sums[key] / count for key, name in _AUX_SUMS.items() if key in sums})
+    return metrics
+
+
+def evaluate(eval_step, state, data: DeviceData, batch_size: int, num_classes: int) -> dict:
+    """Loss and every classification metric of ``state`` on ``data`` (inference mode)."""
+    return epoch_metrics(evaluate_data(eval_step, state, data, batch_size), data.host["labels"],
+                         num_classes)
 
 
 def _check_targets(dataset: Dataset, aux_targets: int, name: str) -> None:
@@ -186,24 +201,6 @@ def _check_targets(dataset: Dataset, aux_targets: int, name: str) -> None:
             f"aux_targets={aux_targets} needs {name} regression targets of shape "
             f"({len(dataset)}, {aux_targets}), got {shape} from {dataset.source!r} (give "
             "target_columns naming labels.csv columns)")
-
-
-def evaluate(p_eval_step, state, dataset: Dataset, batch_size: int) -> dict:
-    """Loss and every classification metric of ``state`` on ``dataset`` (inference mode)."""
-    loss_sum, count, probs, labels, aux = 0.0, 0.0, [], [], {}
-    for index, mask in batches(len(dataset), batch_size, n_devices=jax.device_count()):
-        index, mask = parallel.process_slice(index, mask)
-        out = p_eval_step(state, parallel.shard(_batch(dataset, index, mask)))
-        _add_aux_sums(aux, out)
-        loss_sum += float(np.asarray(out["loss_sum"])[0])
-        count += float(np.asarray(out["count"])[0])
-        probs.append(parallel.unshard(out["probs"])[mask > 0])
-        labels.append(dataset.labels[index][mask > 0])
-    # The loss is global (psum); with several processes the other metrics cover this
-    # process's share of the examples.
-    metrics = classification_metrics(np.concatenate(labels), np.concatenate(probs),
-                                     num_classes=dataset.num_classes, loss=loss_sum / count)
-    return {**metrics, **_aux_metrics(aux, count)}
 
 
 def train_and_evaluate(
@@ -224,7 +221,7 @@ def train_and_evaluate(
     Args:
         config: the run's hyperparameters.
         workdir: output folder (created).
-        train, test: labelled :class:`~featsim.train.data.Dataset` or source specs (e.g.
+        train, test: labelled :class:`~featsim.train.datasets.Dataset` or source specs (e.g.
             ``"chest_xray:train"``, ``"chest_xray:test"``).
         weights: pretrained checkpoint instead of the registered one.
         resume: continue from ``workdir/checkpoint.msgpack`` if present.
@@ -262,14 +259,16 @@ def train_and_evaluate(
     steps_per_epoch = math.ceil(len(train) / batch_size)
     rng = jax.random.key(config.seed)
     init_key, data_key, step_key = jax.random.split(rng, 3)
-    state, step_config, model, _ = create_train_state(config, head, steps_per_epoch, init_key,
+    state, step_config, _, _ = create_train_state(config, head, steps_per_epoch, init_key,
                                                       weights=weights)
     bn_mode = bn_stats_mode(config, state.batch_stats, step_config.frozen_stats)
-    bn_images = train.images
-    if bn_mode == "recomputed" and config.bn_stats_images is not None:
-        bn_images = train.images[bn_subset(len(train), config.bn_stats_images, config.seed)]
-    n_bn = len(bn_images) if bn_mode == "recomputed" else 0
+    bn_rows = (bn_subset(len(train), config.bn_stats_images, config.seed)
+               if config.bn_stats_images is not None else np.arange(len(train)))
+    n_bn = len(bn_rows) if bn_mode == "recomputed" else 0
     bn_key = jax.random.fold_in(rng, 1)  # independent of init/data/step keys
+    # The step's module without the pmap axis name (one device: results independent of the
+    # device count), in the same compute dtype.
+    bn_module = heads.model_for(config, head).module
     bn_text = bn_description(bn_mode, n_bn, len(train))
     metadata = model_metadata(config, head, bn_stats=bn_text)
 
@@ -280,22 +279,27 @@ def train_and_evaluate(
         if bn_mode != "recomputed":
             return state, {}
         t0 = time.perf_counter()
-        host = {"params": parallel.unreplicate(state.params),
-                "batch_stats": parallel.unreplicate(state.batch_stats)}
-        stats = population_batch_stats(model.module, step_config, host, bn_images, batch_size,
+        host = parallel.fetch({"params": state.params, "batch_stats": state.batch_stats},
+                              replicated=True)
+        stats = population_batch_stats(bn_module, step_config, host, bn_images, batch_size,
                                        jax.random.fold_in(bn_key, epoch))
         return (state.replace(batch_stats=parallel.replicate(stats)),
                 {"bn_stats_images": n_bn, "bn_seconds": time.perf_counter() - t0})
     run.write_config(config)
-    p_train = parallel.pmap(make_train_step(step_config, weights_c), in_axes=(0, 0, None))
-    p_eval = parallel.pmap(make_eval_step(step_config, weights_c))
+    train_step = make_train_step(step_config, weights_c)
+    eval_step = make_eval_step(step_config, weights_c)
+    train_data = device_data(train)
+    val_data = None if val is None else device_data(val)
+    test_data = device_data(test)
+    # The images on the device already, not a second copy from the host.
+    bn_images = train_data.first_copy("images")[bn_rows] if n_bn else None
     state = parallel.replicate(state)
     history: list[dict] = []
     best = {"epoch": None, "val_loss": None}
     start_epoch = 0
     if resume and run.checkpoint_file.exists():
         host_state, start_epoch, history, best = run.load_checkpoint(
-            parallel.unreplicate(state))
+            parallel.fetch(state, replicated=True))
         state = parallel.replicate(host_state)
         if history and history[-1].get("stop_reason"):
             start_epoch = config.epochs  # the run had stopped: do not train on
@@ -304,32 +308,20 @@ def train_and_evaluate(
                f"{config.strategy}", unit="epoch", disable=not progress)
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
-        loss_sum, count, probs, seen, aux = 0.0, 0.0, [], [], {}
-        epoch_key = jax.random.fold_in(data_key, epoch)
-        for i, (index, mask) in enumerate(batches(len(train), batch_size, n_devices=ndev,
-                                                  shuffle_key=epoch_key)):
-            index, mask = parallel.process_slice(index, mask)
-            key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), i)
-            state, out = p_train(state, parallel.shard(_batch(train, index, mask)), key)
-            _add_aux_sums(aux, out)
-            loss_sum += float(np.asarray(out["loss_sum"])[0])
-            count += float(np.asarray(out["count"])[0])
-            probs.append(parallel.unshard(out["probs"])[mask > 0])
-            seen.append(index[mask > 0])
+        state, outputs = run_epoch(train_step, state, train_data, batch_size,
+                                   order_key=jax.random.fold_in(data_key, epoch),
+                                   step_key=jax.random.fold_in(step_key, epoch))
         row = {"epoch": epoch + 1}
-        train_metrics = classification_metrics(
-            train.labels[np.concatenate(seen)], np.concatenate(probs),
-            num_classes=num_classes, loss=loss_sum / count)
-        train_metrics.update(_aux_metrics(aux, count))
-        row.update({f"train_{k}": v for k, v in train_metrics.items()})
+        row.update({f"train_{k}": v for k, v in epoch_metrics(outputs, train.labels,
+                                                               num_classes).items()})
         eval_state, bn_row = for_evaluation(state, epoch)
         last_eval = (epoch + 1, eval_state)
         row.update(bn_row)
         if val is not None:
-            row.update({f"val_{k}": v for k, v in evaluate(p_eval, eval_state, val,
-                                                           batch_size).items()})
-        row.update({f"test_{k}": v for k, v in evaluate(p_eval, eval_state, test,
-                                                        batch_size).items()})
+            row.update({f"val_{k}": v for k, v in evaluate(
+                eval_step, eval_state, val_data, batch_size, val.num_classes).items()})
+        row.update({f"test_{k}": v for k, v in evaluate(
+            eval_step, eval_state, test_data, batch_size, test.num_classes).items()})
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         stop = None
@@ -345,7 +337,7 @@ def train_and_evaluate(
                 stop = f"stop_when {stop_rule.describe(row)}"
         if stop:
             row["stop_reason"] = stop  # in history.json/csv and metrics.json
-        run.save_checkpoint(parallel.unreplicate(state), epoch + 1, history, best)
+        run.save_checkpoint(parallel.fetch(state, replicated=True), epoch + 1, history, best)
         run.write_history(history)
         bar.update(1)
         if stop:
@@ -354,7 +346,8 @@ def train_and_evaluate(
     chosen_epoch = history[-1]["epoch"]
     if config.early_stopping_patience is not None and best["epoch"] is not None:
         chosen_epoch = best["epoch"]  # saved with the statistics it was evaluated with
-        host, best_variables = parallel.unreplicate(state), run.load_variables(best=True)
+        host, best_variables = parallel.fetch(state, replicated=True), run.load_variables(
+            best=True)
         final = parallel.replicate(host.replace(
             params=best_variables["params"],
             batch_stats=best_variables.get("batch_stats", host.batch_stats)))
@@ -362,7 +355,7 @@ def train_and_evaluate(
         final = last_eval[1]
     else:  # resumed after the last epoch: the same statistics again (same key)
         final, _ = for_evaluation(state, chosen_epoch - 1)
-    test_metrics = evaluate(p_eval, final, test, batch_size)
+    test_metrics = evaluate(eval_step, final, test_data, batch_size, test.num_classes)
     run.save_model(_host_variables(final), metadata)
     result = {f"test_{k}": v for k, v in test_metrics.items()}
     result.update(epoch=chosen_epoch, epochs_run=len(history), n_train=len(train),
@@ -377,10 +370,10 @@ def train_and_evaluate(
 
 def _host_variables(state) -> dict:
     """The (unreplicated) variables of a train state, as saved in ``model.msgpack``."""
-    variables = {"params": parallel.unreplicate(state.params)}
+    variables = {"params": state.params}
     if state.batch_stats is not None:
-        variables["batch_stats"] = parallel.unreplicate(state.batch_stats)
-    return variables
+        variables["batch_stats"] = state.batch_stats
+    return parallel.fetch(variables, replicated=True)
 
 
 def run_seeds(config: TrainConfig, seeds, workdir, **kwargs) -> dict:

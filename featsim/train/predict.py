@@ -12,7 +12,7 @@ from featsim.backbones.registry import get_backbone
 from featsim.data.transforms import Transform
 from featsim.rundir import RunDir
 from featsim.train import heads
-from featsim.train.data import load_dataset
+from featsim.train.datasets import load_dataset
 
 __all__ = ["predict_binary"]
 

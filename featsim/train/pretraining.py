@@ -50,7 +50,7 @@ from featsim.data.items import Source
 from featsim.data.sources import open_source
 from featsim.data.transforms import Transform
 from featsim.rundir import RunDir
-from featsim.train import strategies
+from featsim.train import optim
 from featsim.train.autoencoder import (
     AutoencoderStepConfig,
     ConvAutoencoder,
@@ -62,7 +62,8 @@ from featsim.train.autoencoder import (
 )
 from featsim.train.batchnorm import recompute_batch_stats
 from featsim.train.config import SCHEDULES
-from featsim.train.data import Dataset, batches, load_dataset, split_validation
+from featsim.train.datasets import Dataset, load_dataset, split_validation
+from featsim.train.epoch import DeviceData, evaluate_data, run_epoch
 from featsim.train.steps import TrainState
 
 __all__ = [
@@ -177,7 +178,7 @@ def load_unlabelled(source: Source | str | os.PathLike, transform: Transform, *,
     """Decodes a source's images for reconstruction, labels or not.
 
     Labels are dropped (every example gets label 0 of one class ``"image"``), so unlabelled
-    folders work; decoding is :func:`~featsim.train.data.load_dataset`'s.
+    folders work; decoding is :func:`~featsim.train.datasets.load_dataset`'s.
 
     Args:
         limit: keep a random subset of this many items (``numpy`` generator seeded with
@@ -237,26 +238,9 @@ def initial_autoencoder_variables(config: PretrainConfig, module, size: int, rng
     return variables
 
 
-def _run_epoch(step, state, data: Dataset, batch_size: int, key, step_key):
-    loss_sum, count = 0.0, 0.0
-    for i, (index, mask) in enumerate(batches(len(data), batch_size,
-                                              n_devices=jax.device_count(), shuffle_key=key)):
-        index, mask = parallel.process_slice(index, mask)
-        batch = {"images": data.images[index], "mask": mask}
-        state, out = step(state, parallel.shard(batch), jax.random.fold_in(step_key, i))
-        loss_sum += float(np.asarray(out["loss_sum"])[0])
-        count += float(np.asarray(out["count"])[0])
-    return state, loss_sum / count
-
-
-def _evaluate(p_eval, state, data: Dataset, batch_size: int) -> float:
-    loss_sum, count = 0.0, 0.0
-    for index, mask in batches(len(data), batch_size, n_devices=jax.device_count()):
-        index, mask = parallel.process_slice(index, mask)
-        out = p_eval(state, parallel.shard({"images": data.images[index], "mask": mask}))
-        loss_sum += float(np.asarray(out["loss_sum"])[0])
-        count += float(np.asarray(out["count"])[0])
-    return loss_sum / count
+def _mean_loss(outputs) -> float:
+    sums, _, _ = outputs.fetch()
+    return sums["loss_sum"] / sums["count"]
 
 
 def _recomputed_stats(config: PretrainConfig, variables: dict, data: Dataset, batch_size: int,
@@ -280,7 +264,7 @@ def _recomputed_stats(config: PretrainConfig, variables: dict, data: Dataset, ba
 
 
 def _variables_of(state) -> dict:
-    host = parallel.unreplicate(state)
+    host = parallel.fetch(state, replicated=True)
     variables = {"params": host.params}
     if host.batch_stats is not None:
         variables["batch_stats"] = host.batch_stats
@@ -302,7 +286,7 @@ def pretrain(
     Args:
         config: the run's hyperparameters.
         workdir: output folder (created); see the module docstring for its files.
-        data: a :class:`~featsim.train.data.Dataset` (used as is: ``config.limit`` and
+        data: a :class:`~featsim.train.datasets.Dataset` (used as is: ``config.limit`` and
             ``image_size`` do not apply) or a source spec (e.g.
             ``"../shared/data/chest_xray_kermany_224/chest_xray:train"``).
         weights: with ``init="imagenet"``, a checkpoint instead of the registered weights.
@@ -337,7 +321,7 @@ def pretrain(
     init_key, data_key, step_key = jax.random.split(rng, 3)
     variables = initial_autoencoder_variables(config, module, size, init_key, weights)
     steps_per_epoch = math.ceil(len(data) / batch_size)
-    schedule = strategies.schedule_for(config, steps_per_epoch)
+    schedule = optim.schedule_for(config, steps_per_epoch)
     tx = (optax.adamw(schedule, weight_decay=config.weight_decay) if config.weight_decay
           else optax.adam(schedule))
     state = TrainState.create(apply_fn=module.apply, params=variables["params"], tx=tx,
@@ -347,27 +331,31 @@ def pretrain(
                                         offset=tuple(float(v) for v in offset),
                                         axis_name=parallel.DATA_AXIS)
     run.write_config(config)
-    p_train = parallel.pmap(make_pretrain_step(step_config), in_axes=(0, 0, None))
-    p_eval = parallel.pmap(make_reconstruction_eval_step(step_config))
+    train_step = make_pretrain_step(step_config)
+    eval_step = make_reconstruction_eval_step(step_config)
+    train_data = DeviceData.put({"images": data.images})
+    val_data = None if val is None else DeviceData.put({"images": val.images})
     state = parallel.replicate(state)
     history: list[dict] = []
     start_epoch = 0
     if resume and run.checkpoint_file.exists():
-        host_state, start_epoch, history, _ = run.load_checkpoint(parallel.unreplicate(state))
+        host_state, start_epoch, history, _ = run.load_checkpoint(
+            parallel.fetch(state, replicated=True))
         state = parallel.replicate(host_state)
     bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"{config.backbone} autoencoder",
                unit="epoch", disable=not progress)
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
-        state, train_loss = _run_epoch(p_train, state, data, batch_size,
-                                       jax.random.fold_in(data_key, epoch),
-                                       jax.random.fold_in(step_key, epoch))
+        state, outputs = run_epoch(train_step, state, train_data, batch_size,
+                                   order_key=jax.random.fold_in(data_key, epoch),
+                                   step_key=jax.random.fold_in(step_key, epoch))
+        train_loss = _mean_loss(outputs)
         row = {"epoch": epoch + 1, "train_loss": train_loss}
         if val is not None:
-            row["val_loss"] = _evaluate(p_eval, state, val, batch_size)
+            row["val_loss"] = _mean_loss(evaluate_data(eval_step, state, val_data, batch_size))
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        run.save_checkpoint(parallel.unreplicate(state), epoch + 1, history)
+        run.save_checkpoint(parallel.fetch(state, replicated=True), epoch + 1, history)
         run.write_history(history)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.4f}")
@@ -379,10 +367,9 @@ def pretrain(
                                                step_config, jax.random.fold_in(rng, 1))
         history[-1]["bn_recomputed_images"] = bn_info["images"]
         if val is not None:  # the saved model's inference-mode L1, next to the running one's
-            host = parallel.unreplicate(state)
-            bn_info["val_loss"] = history[-1]["val_loss_bn_recomputed"] = _evaluate(
-                p_eval, parallel.replicate(host.replace(batch_stats=variables["batch_stats"])),
-                val, batch_size)
+            recomputed = state.replace(batch_stats=parallel.replicate(variables["batch_stats"]))
+            bn_info["val_loss"] = history[-1]["val_loss_bn_recomputed"] = _mean_loss(
+                evaluate_data(eval_step, recomputed, val_data, batch_size))
             bn_info["val_loss_running_stats"] = history[-1]["val_loss"]
         run.write_history(history)
     metadata = {"backbone": config.backbone, "num_classes": "0", "kind": "autoencoder_encoder",

@@ -73,6 +73,18 @@ class StepConfig(struct.PyTreeNode):
     axis_name: str | None = struct.field(pytree_node=False, default=None)
     aux_targets: int = struct.field(pytree_node=False, default=0)
     aux_weight: float = struct.field(pytree_node=False, default=0.0)
+    compute_dtype: str = struct.field(pytree_node=False, default="float32")
+
+
+def _apply(cfg: StepConfig, apply_fn, variables, x, **kwargs):
+    """``apply_fn`` with its floating outputs in float32 (with ``compute_dtype`` bfloat16
+    the module computes in bfloat16, :func:`featsim.train.loop.create_train_state`; the loss
+    and the metrics are float32 either way)."""
+    out = apply_fn(variables, x, **kwargs)
+    if cfg.compute_dtype == "float32":
+        return out
+    return jax.tree.map(lambda v: v.astype(jnp.float32)
+                        if jnp.issubdtype(v.dtype, jnp.floating) else v, out)
 
 
 def _example_losses(cfg: StepConfig, logits, features, batch, class_weights):
@@ -142,12 +154,12 @@ def make_train_step(cfg: StepConfig, class_weights):
             if state.batch_stats is not None:
                 variables["batch_stats"] = state.batch_stats
             if cfg.body_train_mode:
-                (logits, feats), updates = state.apply_fn(
-                    variables, x, train=True, mutable=["batch_stats"],
+                (logits, feats), updates = _apply(
+                    cfg, state.apply_fn, variables, x, train=True, mutable=["batch_stats"],
                     rngs={"dropout": dropout_key})
                 stats = updates.get("batch_stats", state.batch_stats)
             else:
-                logits, feats = state.apply_fn(variables, x, train=False)
+                logits, feats = _apply(cfg, state.apply_fn, variables, x, train=False)
                 stats = state.batch_stats
             losses, extra = _example_losses(cfg, logits, feats, batch, class_weights)
             return jnp.sum(losses * mask) / jnp.maximum(count, 1.0), (logits, stats, extra)
@@ -176,8 +188,8 @@ def make_eval_step(cfg: StepConfig, class_weights):
         variables = {"params": state.params}
         if state.batch_stats is not None:
             variables["batch_stats"] = state.batch_stats
-        logits, feats = state.apply_fn(variables, normalize_images(batch["images"], cfg),
-                                       train=False)
+        logits, feats = _apply(cfg, state.apply_fn, variables,
+                               normalize_images(batch["images"], cfg), train=False)
         losses, extra = _example_losses(cfg, logits, feats, batch, class_weights)
         losses = losses * batch["mask"]
         return {"loss_sum": _global_sum(losses.sum(), cfg.axis_name),

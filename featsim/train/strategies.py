@@ -5,7 +5,7 @@ in network order) whose value depends on it, found by a dependency pass over the
 jaxpr (exact, no per-family tables). Leaves that feed only the logits (or the auxiliary
 regression output ``features[AUX_KEY]``, :mod:`featsim.train.heads`) are the head.
 Strategies then label leaves ``"head"``, ``"body"`` or ``"frozen"`` and
-:func:`make_optimizer` gives each label its own optax transform, with
+:func:`featsim.train.optim.make_optimizer` gives each label its own optax transform, with
 ``optax.set_to_zero()`` for ``"frozen"`` (so frozen parameters stay bit-identical).
 """
 
@@ -16,16 +16,13 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import traverse_util
 
 __all__ = [
     "AUX_KEY",
     "HEAD",
     "leaf_stages",
-    "make_optimizer",
     "meanvar_init",
-    "schedule_for",
     "strategy_labels",
     "tap_order",
 ]
@@ -133,26 +130,6 @@ def strategy_labels(stages: dict, strategy: str, *, partial_stages: int = 1) -> 
     return labels
 
 
-def make_optimizer(params_labels, schedule, *, body_lr_scale: float,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """Adam(W) for ``"head"``, the same at ``body_lr_scale`` for ``"body"``, zero updates
-    for ``"frozen"``.
-
-    Args:
-        params_labels: a pytree like ``params`` with a label per leaf.
-        schedule: an optax schedule (or float) for the head's learning rate.
-    """
-
-    def adam(lr):
-        return optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
-
-    body = (lambda step: schedule(step) * body_lr_scale) if callable(schedule) else (
-        schedule * body_lr_scale)
-    return optax.multi_transform(
-        {"head": adam(schedule), "body": adam(body), "frozen": optax.set_to_zero()},
-        params_labels)
-
-
 def meanvar_init(pretrained_params, rng: jax.Array):
     """Raghu et al. 2019 ('Transfusion') Mean Var init: every kernel (ndim >= 2) drawn
     i.i.d. from N(mean, var) of its own pretrained values; 1-D parameters (biases,
@@ -168,20 +145,3 @@ def meanvar_init(pretrained_params, rng: jax.Array):
         else:
             out[path] = value
     return traverse_util.unflatten_dict(out)
-
-
-def schedule_for(config, steps_per_epoch: int):
-    """The head's learning-rate schedule of a :class:`~featsim.train.TrainConfig`."""
-    total = config.epochs * steps_per_epoch
-    lr = config.learning_rate
-    if config.schedule == "constant":
-        main = optax.constant_schedule(lr)
-    elif config.schedule == "cosine":
-        main = optax.cosine_decay_schedule(lr, max(1, total))
-    else:
-        main = optax.piecewise_constant_schedule(lr, {int(total * 0.5): 0.1,
-                                                      int(total * 0.75): 0.1})
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    if not warmup:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])

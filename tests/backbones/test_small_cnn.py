@@ -23,7 +23,7 @@ from featsim.backbones.small_cnn import (
 )
 from featsim.features.extract import feature_layers
 from featsim.train import AugmentConfig, TrainConfig, train_and_evaluate
-from featsim.train.data import Dataset
+from featsim.train.datasets import Dataset
 
 # Table 1 rows (1-based, as printed) of each layer of the model.
 SEPCONV_ROWS = {"sepconv1": 1, "sepconv2": 3, "sepconv3": 6, "sepconv4": 9, "sepconv5": 13,

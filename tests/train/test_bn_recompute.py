@@ -21,7 +21,7 @@ from featsim.backbones.registry import get_backbone
 from featsim.data.transforms import Transform
 from featsim.train import AugmentConfig, TrainConfig, heads, train_and_evaluate
 from featsim.train.batchnorm import bn_description, bn_stats_mode, bn_subset, even_batches
-from featsim.train.data import Dataset
+from featsim.train.datasets import Dataset
 from featsim.train.loop import population_batch_stats
 from featsim.train.steps import StepConfig
 

@@ -17,7 +17,7 @@ from featsim.backbones.preprocessing import Preprocessing
 from featsim.backbones.registry import register_backbone
 from featsim.train import AugmentConfig, StopWhen, TrainConfig, train_and_evaluate
 from featsim.train.callbacks import OPERATORS, STOP_METRICS
-from featsim.train.data import Dataset
+from featsim.train.datasets import Dataset
 
 PAPER = (("val_accuracy", ">=", 0.89), ("val_loss", "<", 0.3))
 

@@ -23,7 +23,7 @@ from featsim.train import (
     strategies,
     train_and_evaluate,
 )
-from featsim.train.data import Dataset
+from featsim.train.datasets import Dataset
 from featsim.train.heads import (
     HeadedBackbone,
     build_model,

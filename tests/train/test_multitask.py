@@ -26,7 +26,7 @@ from featsim.backbones.preprocessing import Preprocessing
 from featsim.data.sources import open_source
 from featsim.data.transforms import Transform
 from featsim.train import TrainConfig, strategies, train_and_evaluate
-from featsim.train.data import Dataset, load_dataset
+from featsim.train.datasets import Dataset, load_dataset
 from featsim.train.heads import AUX_KEY, build_model
 from featsim.train.loop import create_train_state
 from featsim.train.losses import (
@@ -382,3 +382,9 @@ def test_two_devices_equal_one_device():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-4000:]
+
+
+def test_bfloat16_compute_needs_a_dtype_field():
+    config = TrainConfig(TINY, strategy="scratch", compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"TinyCNN.*has no dtype field"):
+        create_train_state(config, 3, 1, jax.random.key(0))
