@@ -72,10 +72,10 @@ def _featsim_side(batch: int, size: int, steps: int, augment: bool, *, forward: 
         box["state"], out = run_epoch(train_step, box["state"], data, batch,
                                       order_key=jax.random.key(box["epoch"]),
                                       step_key=jax.random.key(10_000 + box["epoch"]))
-        jax.block_until_ready((box["state"], out.sums))
+        jax.block_until_ready((box["state"], out.steps))
 
     def forward_epoch():
-        jax.block_until_ready(evaluate_data(eval_step, box["state"], data, batch).sums)
+        jax.block_until_ready(evaluate_data(eval_step, box["state"], data, batch).steps)
 
     t0 = time.perf_counter()
     train_epoch()
@@ -176,8 +176,9 @@ def _rate(fn, images: int) -> float:
     return images / (time.perf_counter() - t0)
 
 
-def _versus_pytorch(batch: int, size: int, steps: int, rounds: int, augment: bool) -> dict:
-    fs_train, fs_forward, first = _featsim_side(batch, size, steps, augment)
+def _versus_pytorch(batch: int, size: int, steps: int, rounds: int, augment: bool, *,
+                    forward: bool = True) -> dict:
+    fs_train, fs_forward, first = _featsim_side(batch, size, steps, augment, forward=forward)
     torch_side = _torch_side(batch, size, steps, augment)
     images = batch * steps
     rates = {"featsim_train": [], "featsim_forward": [], "torch_train": [],
@@ -186,29 +187,32 @@ def _versus_pytorch(batch: int, size: int, steps: int, rounds: int, augment: boo
         rates["featsim_train"].append(_rate(fs_train, images))
         if torch_side is not None:
             rates["torch_train"].append(_rate(torch_side[0], images))
-        rates["featsim_forward"].append(_rate(fs_forward, images))
-        if torch_side is not None:
-            rates["torch_forward"].append(_rate(torch_side[1], images))
+        if forward:
+            rates["featsim_forward"].append(_rate(fs_forward, images))
+            if torch_side is not None:
+                rates["torch_forward"].append(_rate(torch_side[1], images))
     out = {"batch": batch, "size": size, "augment": augment, "steps_per_round": steps,
            "rounds": rounds, "featsim_first_epoch_s": first,
-           "featsim_train_img_s": max(rates["featsim_train"]),
-           "featsim_forward_img_s": max(rates["featsim_forward"])}
+           "featsim_train_img_s": max(rates["featsim_train"])}
+    if forward:
+        out["featsim_forward_img_s"] = max(rates["featsim_forward"])
     if torch_side is None:
         out["torch"] = "skipped: torch or efficientnet-lite-pytorch not installed ([torch])"
         return out
-    out.update(torch_train_img_s=max(rates["torch_train"]),
-               torch_forward_img_s=max(rates["torch_forward"]))
+    out["torch_train_img_s"] = max(rates["torch_train"])
     out["train_ratio"] = out["featsim_train_img_s"] / out["torch_train_img_s"]
-    out["forward_ratio"] = out["featsim_forward_img_s"] / out["torch_forward_img_s"]
+    if forward:
+        out["torch_forward_img_s"] = max(rates["torch_forward"])
+        out["forward_ratio"] = out["featsim_forward_img_s"] / out["torch_forward_img_s"]
     return out
 
 
-def _device_benchmark(batch: int, size: int, steps: int) -> dict:
+def _device_benchmark(batch: int, size: int, steps: int, rounds: int) -> dict:
     """The training epoch (augmentation on) at this process's device count."""
     from featsim import parallel
 
     fs_train, _, first = _featsim_side(batch, size, steps, True, forward=False)
-    rate = max(_rate(fs_train, batch * steps) for _ in range(2))
+    rate = max(_rate(fs_train, batch * steps) for _ in range(rounds))
     return {"devices": parallel.device_count(), "batch": batch, "size": size,
             "first_epoch_s": first, "images_per_s": rate, "steps_per_s": rate / batch}
 
@@ -249,24 +253,30 @@ def main(argv=None) -> dict:
     if args.quick:
         batches, args.size, args.steps, args.rounds = [4], 64, 2, 1
     if args.child is not None:
-        print(json.dumps(_device_benchmark(batches[0], args.size, args.steps)))
+        print(json.dumps(_device_benchmark(batches[0], args.size, args.steps, args.rounds)))
         return {}
     result = {"quick": args.quick, "machine": {"cpus": os.cpu_count(),
                                               "platform": platform.platform()}}
     versus = []
     for batch in batches:
         for augment in ((True,) if args.quick else (False, True)):
-            versus.append(_versus_pytorch(batch, args.size, args.steps, args.rounds, augment))
+            versus.append(_versus_pytorch(batch, args.size, args.steps, args.rounds, augment,
+                                          forward=not args.quick))
             print(json.dumps(versus[-1]), file=sys.stderr)
     result["featsim_vs_pytorch"] = versus
-    pmap = {}
-    for devices in (1, 2):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        run = subprocess.run(
-            [sys.executable, __file__, "--child", str(devices), "--batches", str(batches[0]),
-             "--size", str(args.size), "--steps", str(args.steps)],
-            env=env, capture_output=True, text=True, check=True)
-        pmap[str(devices)] = json.loads(run.stdout.strip().splitlines()[-1])
+    # 1 device: this process's run with augmentation at the first batch size (the same
+    # program); 2 devices: a fresh process (XLA_FLAGS before JAX starts).
+    same = next(r for r in versus if r["augment"] and r["batch"] == batches[0])
+    pmap = {"1": {"devices": 1, "batch": same["batch"], "size": args.size,
+                  "first_epoch_s": same["featsim_first_epoch_s"],
+                  "images_per_s": same["featsim_train_img_s"],
+                  "steps_per_s": same["featsim_train_img_s"] / same["batch"]}}
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    run = subprocess.run(
+        [sys.executable, __file__, "--child", "2", "--batches", str(batches[0]),
+         "--size", str(args.size), "--steps", str(args.steps), "--rounds", str(args.rounds)],
+        env=env, capture_output=True, text=True, check=True)
+    pmap["2"] = json.loads(run.stdout.strip().splitlines()[-1])
     result["pmap_finetune_epoch"] = pmap
     result["two_over_one_device"] = pmap["2"]["images_per_s"] / pmap["1"]["images_per_s"]
     result["linear_cached_features"] = _linear_benchmark(

@@ -152,7 +152,7 @@ def _train_command(args) -> int:
     seeds = seeds or [config.seed]
     summary = run_seeds(config, seeds, args.out, train=train, test=test, weights=args.weights,
                         resume=args.resume, progress=not args.no_progress,
-                        data_dir=args.data_dir)
+                        data_dir=args.data_dir, together=args.seeds_together)
     print(f"{config.backbone} {config.strategy}: test metrics over seeds {seeds} (BatchNorm "
           f"statistics: {summary['runs'][0].get('bn_stats')})")
     for name, (mean, std) in summary["summary"].items():
@@ -490,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test", default=None, help="test source (instead of --data)")
     _add_train_config_flags(t)
     t.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints")
+    t.add_argument("--seeds-together", action="store_true",
+                   help="train all --seeds in one compiled program (vmap over seeds; the "
+                        "results of separate runs, the memory of all seeds at once)")
     t.add_argument("--data-dir", default=None, help="tensorflow-datasets folder (tfds:)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--out", required=True, type=Path, help="output folder")

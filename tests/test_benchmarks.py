@@ -47,7 +47,7 @@ def test_training_benchmark_quick(tmp_path):
     versus = data["featsim_vs_pytorch"]
     assert [(row["batch"], row["augment"]) for row in versus] == [(4, True)]
     for row in versus:
-        assert row["featsim_train_img_s"] > 0 and row["featsim_forward_img_s"] > 0
+        assert row["featsim_train_img_s"] > 0
         if "torch" not in row:  # torch installed: the reference ran the same steps
             assert row["torch_train_img_s"] > 0 and row["train_ratio"] > 0
 
