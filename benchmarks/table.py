@@ -180,9 +180,25 @@ def training_table(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def depthwise_table(results: Path = RESULTS) -> str:
+    """One depthwise layer, forward and forward + backward, featsim vs PyTorch
+    (depthwise.json)."""
+    d = _load("depthwise", results)
+    lines = ["| depthwise layer (batch 16) | featsim fwd | featsim fwd+bwd | PyTorch fwd | "
+             "PyTorch fwd+bwd |", "|---|---|---|---|---|"]
+    for row in d["layers"]:
+        _, size, _, c = row["shape"]
+        lines.append(
+            f"| {size} x {size} x {c}, {row['kernel']} x {row['kernel']}, stride "
+            f"{row['stride']} | {row['featsim_forward_ms']:.1f} ms | "
+            f"{row['featsim_forward_backward_ms']:.0f} ms | {row['torch_forward_ms']:.1f} ms | "
+            f"{row['torch_forward_backward_ms']:.0f} ms |")
+    return "\n".join(lines) + "\n"
+
+
 #: Region name -> function of the results folder returning the region's Markdown.
 TABLES = {"performance": performance_table, "coverage": coverage_table,
-          "training": training_table}
+          "training": training_table, "depthwise": depthwise_table}
 
 
 def regenerate(text: str, results: Path = RESULTS) -> str:
