@@ -1,30 +1,11 @@
-"""Suite-wide guards: tests never touch the network; one compilation cache for the session."""
+"""Suite-wide guards: tests never touch the network."""
 
 import os
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-
-# Many tests compile the same programs again (the same network and shapes in new closures,
-# and in the subprocesses of CLI and multi-device tests): a persistent compilation cache in a
-# temporary folder, shared through the environment, turns those recompiles into loads. Set
-# before JAX is imported; only speed depends on it. $FEATSIM_TEST_JAX_CACHE=0 turns it off.
-_JAX_CACHE = None
-if os.environ.get("FEATSIM_TEST_JAX_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in (
-        os.environ):
-    _JAX_CACHE = tempfile.mkdtemp(prefix="featsim_test_jax_cache_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _JAX_CACHE is not None:
-        shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
