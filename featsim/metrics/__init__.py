@@ -10,9 +10,8 @@ KID modules are not called ``fid``/``kid`` so that the functions of those names 
 re-exported here without shadowing their modules.
 """
 
-import importlib
-
 from featsim import _guard  # noqa: F401  (first: names a namespace-package import)
+from featsim._lazy import lazy_exports
 
 # name -> module under featsim.metrics. Importing this package is cheap: each name loads its
 # module (and JAX) on first use (PEP 562), so `featsim --help` and argument errors are instant.
@@ -85,14 +84,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'featsim.metrics' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"featsim.metrics.{module}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -9,9 +9,8 @@ Modules: ``config`` (``TrainConfig``, ``AugmentConfig``: plain values, no JAX), 
 :class:`featsim.rundir.RunDir`.
 """
 
-import importlib
-
 from featsim import _guard  # noqa: F401  (first: names a namespace-package import)
+from featsim._lazy import lazy_exports
 
 # name -> module under featsim.train. Importing this package is cheap: each name loads its
 # module (and JAX) on first use (PEP 562), so `featsim train --help` reads TrainConfig's
@@ -93,14 +92,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'featsim.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"featsim.train.{module}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
