@@ -116,8 +116,9 @@ def replicate(tree, devices=None):
 
 
 def unreplicate(tree):
-    """The first device's copy of a replicated ``tree``, as host numpy arrays."""
-    return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+    """The first device's copy of a replicated ``tree``, as host numpy arrays (only that copy
+    is transferred, in one call)."""
+    return jax.tree.map(np.asarray, jax.device_get(jax.tree.map(lambda x: x[0], tree)))
 
 
 def shard(tree):
@@ -162,5 +163,4 @@ def fetch(tree, *, replicated: bool = False):
         replicated: the leaves are identical on every device (``psum`` results, the
             state): keep the first device's copy. Otherwise the leading device axis is kept.
     """
-    host = jax.device_get(tree)
-    return jax.tree.map(lambda x: np.asarray(x[0]), host) if replicated else host
+    return unreplicate(tree) if replicated else jax.device_get(tree)

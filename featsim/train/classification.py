@@ -73,12 +73,16 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.stats
 
 from featsim.metrics.stats import BootstrapResult
 from featsim.train.metric_keys import BINARY_METRIC_KEYS, MULTICLASS_METRIC_KEYS
+
+if TYPE_CHECKING:
+    from featsim.train.epoch import EpochOutputs
 
 __all__ = [
     "BINARY_METRIC_KEYS",
@@ -88,6 +92,7 @@ __all__ = [
     "UndefinedMetricWarning",
     "auc_ci",
     "classification_metrics",
+    "epoch_metrics",
     "reliability_diagram",
 ]
 
@@ -573,3 +578,22 @@ def _multiclass_metrics(labels, probs, n_bins) -> dict[str, float]:
         "roc_auc_macro": auc,
         "ece": _ece(conf, correct, n_bins),
     }
+
+
+_AUX_SUMS = {"ce_sum": "class_loss", "aux_err_sum": "aux_mse"}  # step output -> metric
+
+
+def epoch_metrics(outputs: EpochOutputs, labels: np.ndarray, num_classes: int) -> dict:
+    """Loss and every classification metric of an epoch's outputs (one fetch). With an
+    auxiliary head also the class-weighted cross-entropy alone and the regression MSE (mean
+    over examples and targets), beside the total ``loss``.
+
+    The loss is global (psum); with several processes the other metrics cover this
+    process's share of the examples.
+    """
+    sums, collected, rows = outputs.fetch()
+    count = sums["count"]
+    metrics = classification_metrics(labels[rows], collected["probs"],
+                                     num_classes=num_classes, loss=sums["loss_sum"] / count)
+    metrics.update({name: sums[key] / count for key, name in _AUX_SUMS.items() if key in sums})
+    return metrics

@@ -28,7 +28,7 @@ from featsim.features.extract import extract_features
 from featsim.rundir import RunDir, model_metadata
 from featsim.train import optim, strategies
 from featsim.train.batchnorm import bn_description, bn_stats_mode
-from featsim.train.classification import classification_metrics
+from featsim.train.classification import epoch_metrics
 from featsim.train.config import TrainConfig
 from featsim.train.epoch import DeviceData, evaluate_data, run_epoch
 from featsim.train.heads import initial_variables
@@ -163,10 +163,7 @@ def fit_head(config: TrainConfig, head, x, labels, num_classes: int, data_key):
     data = {name: DeviceData.put({"features": x[name], "labels": labels[name]}) for name in x}
 
     def metrics_of(outputs, name):
-        sums, collected, rows = outputs.fetch()
-        return classification_metrics(labels[name][rows], collected["probs"],
-                                      num_classes=num_classes,
-                                      loss=sums["loss_sum"] / sums["count"])
+        return epoch_metrics(outputs, labels[name], num_classes)
 
     def evaluate_state(state, name):
         return metrics_of(evaluate_data(eval_step, state, data[name], batch_size), name)

@@ -52,7 +52,7 @@ from featsim.train.batchnorm import (
     recompute_batch_stats,
 )
 from featsim.train.callbacks import StopWhen
-from featsim.train.classification import classification_metrics
+from featsim.train.classification import epoch_metrics
 from featsim.train.config import TrainConfig
 from featsim.train.datasets import Dataset, load_dataset, split_validation
 from featsim.train.epoch import (
@@ -169,29 +169,10 @@ def _normalized_apply(module, step_config: StepConfig):
     return _APPLY_CACHE[key]
 
 
-_AUX_SUMS = {"ce_sum": "class_loss", "aux_err_sum": "aux_mse"}  # step output -> metric
-
-
 def device_data(dataset: Dataset) -> DeviceData:
     """A dataset's images, labels (and regression targets) on the devices, once per run."""
     return DeviceData.put({"images": dataset.images, "labels": dataset.labels,
                            "targets": dataset.targets})
-
-
-def epoch_metrics(outputs: EpochOutputs, labels: np.ndarray, num_classes: int) -> dict:
-    """Loss and every classification metric of an epoch's outputs (one fetch). With an
-    auxiliary head also the class-weighted cross-entropy alone and the regression MSE (mean
-    over examples and targets), beside the total ``loss``.
-
-    The loss is global (psum); with several processes the other metrics cover this
-    process's share of the examples.
-    """
-    sums, collected, rows = outputs.fetch()
-    count = sums["count"]
-    metrics = classification_metrics(labels[rows], collected["probs"],
-                                     num_classes=num_classes, loss=sums["loss_sum"] / count)
-    metrics.update({name: sums[key] / count for key, name in _AUX_SUMS.items() if key in sums})
-    return metrics
 
 
 def evaluate(eval_step, state, data: DeviceData, batch_size: int, num_classes: int) -> dict:
@@ -303,7 +284,8 @@ class _SeedRun:
         steps_per_epoch = math.ceil(len(train) / data.batch_size)
         rng = jax.random.key(config.seed)
         init_key, self.data_key, self.step_key = jax.random.split(rng, 3)
-        state, self.step_config, _, _ = create_train_state(config, self.head, steps_per_epoch,
+        state, self.step_config, model, _ = create_train_state(config, self.head,
+                                                               steps_per_epoch,
                                                            init_key, weights=weights)
         self.bn_mode = bn_stats_mode(config, state.batch_stats, self.step_config.frozen_stats)
         bn_rows = (bn_subset(len(train), config.bn_stats_images, config.seed)
@@ -311,8 +293,8 @@ class _SeedRun:
         self.n_bn = len(bn_rows) if self.bn_mode == "recomputed" else 0
         self.bn_key = jax.random.fold_in(rng, 1)  # independent of init/data/step keys
         # The step's module without the pmap axis name (one device: results independent of
-        # the device count), in the same compute dtype.
-        self.bn_module = heads.model_for(config, self.head).module
+        # the device count), in the same compute dtype (heads.model_for).
+        self.bn_module = model.module
         self.bn_text = bn_description(self.bn_mode, self.n_bn, len(train))
         self.metadata = model_metadata(config, self.head, bn_stats=self.bn_text)
         # The images on the device already, not a second copy from the host.

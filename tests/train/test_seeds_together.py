@@ -10,22 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_loop import tiny_dataset  # tests/train/test_loop.py
 
 from featsim import parallel
 from featsim.train import AugmentConfig, TrainConfig
-from featsim.train.datasets import Dataset
 from featsim.train.epoch import run_epoch, stack_states
 from featsim.train.loop import create_train_state, device_data, run_seeds
 from featsim.train.steps import make_train_step
-
-
-def tiny_dataset(n, size=32, seed=0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(n) % 2).astype(np.int32)
-    images = rng.integers(0, 120, (n, size, size, 3)).astype(np.uint8)
-    images[labels == 1] += 100
-    return Dataset(images=images, labels=labels, groups=None,
-                   ids=tuple(str(i) for i in range(n)), class_names=("a", "b"), source="tiny")
 
 
 def test_stacked_step_equals_each_seeds_own_step():
@@ -36,7 +27,7 @@ def test_stacked_step_equals_each_seeds_own_step():
     differently may flip sign and move by up to 2 lr = 2e-3."""
     config = TrainConfig("resnet18", strategy="scratch", batch_size=4,
                          augment=AugmentConfig(enabled=True))
-    data = device_data(tiny_dataset(4))
+    data = device_data(tiny_dataset(4, size=32))
     states, step = [], None
     for seed in (0, 1):
         state, step_config, _, _ = create_train_state(config, 1, 1, jax.random.key(seed))
@@ -71,7 +62,7 @@ def test_stacked_step_equals_each_seeds_own_step():
 
 def test_run_seeds_together_writes_what_separate_runs_write(tmp_path):
     config = TrainConfig("resnet18", strategy="scratch", epochs=2, batch_size=4)
-    train, test = tiny_dataset(6), tiny_dataset(4, seed=1)
+    train, test = tiny_dataset(6, size=32), tiny_dataset(4, size=32, seed=1)
     apart = run_seeds(config, [0, 1], tmp_path / "apart", train=train, test=test,
                       progress=False)
     together = run_seeds(config, [0, 1], tmp_path / "together", train=train, test=test,
