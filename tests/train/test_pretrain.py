@@ -14,7 +14,6 @@ import numpy as np
 import optax
 import pytest
 from flax import serialization, traverse_util
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from featsim import parallel
@@ -39,24 +38,6 @@ pretrain_module = importlib.import_module("featsim.train.pretraining")
 
 BACKBONE = "efficientnet_lite0"
 SMALL = PretrainConfig(BACKBONE, image_size=64, epochs=4, batch_size=4, seed=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """The runs below compile the same graphs again (new closures, same HLO): a persistent
-    compilation cache in a temporary folder turns ~1 min recompiles into seconds. Only
-    speed depends on it; the previous settings are restored afterwards."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def flat(tree):
