@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -38,7 +39,18 @@ __all__ = ["main"]
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
+def _is_main() -> bool:
+    """False only in processes 1.. of a ``--distributed`` run: they neither print nor write."""
+    if "jax" not in sys.modules:  # no JAX yet: no distributed run
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _write_json(path: Path, value: dict) -> None:
+    if not _is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2) + "\n")
     print(f"wrote {path}")
@@ -119,7 +131,7 @@ def _extract_command(args) -> int:
     backbone = pretrained_backbone(args.backbone, args.weights)
     features = extract_features(backbone, args.source, layers=args.layer or ["pre_logits"],
                                 pooling=args.pooling, **_extract_kwargs(args))
-    out = features.save(args.out)
+    out = features.save(args.out) if _is_main() else args.out
     shapes = ", ".join(f"{k} {v.shape}" for k, v in features.layers.items())
     print(f"wrote {out}: {len(features)} images, {shapes}; {len(features.skipped)} skipped")
     for skipped in features.skipped:
@@ -423,6 +435,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    def add_distributed_options(p):
+        g = p.add_argument_group(
+            "several processes (jax.distributed)",
+            "Start the same command once per process (e.g. with srun): each reads and "
+            "computes its share of the images and statistics, process 0 prints and writes, "
+            "and the numbers equal a one-process run's. Without --coordinator the run is "
+            "detected from SLURM, Open MPI or cloud TPU. See docs/distributed.md.")
+        g.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run (jax.distributed.initialize)")
+        g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's address (all processes give the same)")
+        g.add_argument("--num-processes", type=at_least(1), default=None, metavar="N")
+        g.add_argument("--process-id", type=at_least(0), default=None, metavar="I",
+                       help="this process, 0 .. N-1")
+
     sources_help = ("image folder (class subfolders, labels.csv), FOLDER:SPLIT, file.npz[:SPLIT], "
                     "tfds:NAME[:SPLIT], embedded:natural or embedded:medical")
     d = sub.add_parser(
@@ -439,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target", default=None, help="medical images (same forms)")
     d.add_argument("--layer", default="pre_logits", help="feature layer (default pre_logits)")
     add_stats_options(d)
+    add_distributed_options(d)
     d.set_defaults(func=_distance_command)
 
     e = sub.add_parser(
@@ -453,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pooling", default="avg", choices=("avg", "flatten"),
                    help="how spatial maps become vectors (default global average)")
     e.add_argument("--out", required=True, type=Path, help="OUT.npz")
+    add_distributed_options(e)
     e.set_defaults(func=_extract_command)
 
     m = sub.add_parser(
@@ -597,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "backbone's equal-distribution test (default 200; 0: none)")
     cp.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                     help="write the layer x layer CKA heatmap here")
+    add_distributed_options(cp)
     cp.set_defaults(func=_compare_command)
     return parser
 
@@ -639,11 +669,29 @@ def _message(err: BaseException) -> str:
     return str(err)
 
 
+def _join_processes(args) -> None:
+    """``--distributed``: joins the run before any JAX call; processes 1.. go quiet."""
+    flags = {"--coordinator": getattr(args, "coordinator", None),
+             "--num-processes": getattr(args, "num_processes", None),
+             "--process-id": getattr(args, "process_id", None)}
+    if not getattr(args, "distributed", False):
+        given = [name for name, value in flags.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} need --distributed")
+        return
+    from featsim import parallel
+
+    share = parallel.initialize(*flags.values())
+    if not share.is_main:
+        sys.stdout = open(os.devnull, "w")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning  # one readable line, not a source excerpt
     try:
         _check_outputs(args)
+        _join_processes(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"\nfeatsim {args.command}: {_interrupted(args)}", file=sys.stderr)
@@ -652,6 +700,28 @@ def main(argv=None) -> int:
         # OSError covers FileNotFoundError and unwritable outputs.
         print(f"featsim {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
+    except _process_error() as err:
+        print(f"featsim {args.command}: error: {err}", file=sys.stderr)
+        if getattr(err, "lost", False):
+            # A peer died: JAX's exit-time barrier would wait for it and then abort with
+            # pages of log. Leave at once; the cache and checkpoints are already on disk.
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(3)
+        return 3
+
+
+def _process_error() -> type:
+    """featsim.parallel.ProcessError once JAX is loaded (never raised before)."""
+    if "featsim.parallel" not in sys.modules:
+        return _NeverRaised
+    from featsim.parallel import ProcessError
+
+    return ProcessError
+
+
+class _NeverRaised(Exception):
+    pass
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""The one place that spreads work across local devices (sharded ``jax.jit`` over a mesh).
+"""The one place that spreads work across devices and processes.
+
+Devices: sharded ``jax.jit`` over a mesh of the local devices, and ``pmap``. Processes:
+``jax.distributed`` (:func:`initialize`), each process a share of the tasks
+(:class:`ProcessShare`), results exchanged with :meth:`ProcessShare.gather` so that every
+process ends with the one-process result.
 
 Feature extraction and training call :func:`data_parallel` instead of ``jax.pmap`` directly,
 so moving between ``pmap`` and ``jit`` + sharding stays a one-module edit. The batch axis is
@@ -11,7 +16,11 @@ masked out by the caller, never dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import pickle
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -19,13 +28,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "DATA_AXIS",
+    "LOCAL",
+    "ProcessError",
+    "ProcessShare",
     "data_parallel",
     "device_count",
     "fetch",
+    "initialize",
     "local_mesh",
     "local_rows",
     "pad_batch",
     "pmap",
+    "process_share",
     "replicate",
     "shard",
     "unreplicate",
@@ -164,3 +178,175 @@ def fetch(tree, *, replicated: bool = False):
             state): keep the first device's copy. Otherwise the leading device axis is kept.
     """
     return unreplicate(tree) if replicated else jax.device_get(tree)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes (jax.distributed).
+# --------------------------------------------------------------------------------------------
+
+
+class ProcessError(RuntimeError):
+    """Another process of a distributed run failed, or contact with one was lost
+    (``lost`` True: that process is gone)."""
+
+    lost: bool = False
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, heartbeat_timeout_s: int = 60,
+               initialization_timeout_s: int = 300) -> ProcessShare:
+    """Joins a ``jax.distributed`` run; returns this process's :class:`ProcessShare`.
+
+    Call it first, before any other JAX call (it must precede the backend's start). Given
+    nothing, JAX detects the run from the environment (SLURM, Open MPI, cloud TPU); otherwise
+    give all three: ``coordinator`` ``"host:port"`` (process 0 listens there),
+    ``num_processes`` and this ``process_id`` (0 .. num_processes - 1). On CPUs the processes'
+    collectives run over gloo (TCP). A process that dies makes the others stop: their next
+    exchange fails at once with :class:`ProcessError` (its sockets are closed), and a process
+    still computing is ended by JAX's coordination service after ``heartbeat_timeout_s``
+    (an abort whose log says that another task died); if process 0 (the coordinator) dies,
+    the others end within seconds. Calling it again in an initialised process returns the
+    share.
+
+    Raises:
+        ValueError: some but not all of the three given, a bad address, or an id out of range.
+        ProcessError: the run could not be formed (the coordinator was not reached in time).
+    """
+    if jax.distributed.is_initialized():
+        return process_share()
+    given = [v is not None for v in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError("give --coordinator HOST:PORT, --num-processes N and --process-id I "
+                         "together, or none of them (detected from SLURM / Open MPI / TPU)")
+    if coordinator is not None:
+        host, _, port = str(coordinator).rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"coordinator must be HOST:PORT, got {coordinator!r}")
+        if not (isinstance(num_processes, int) and num_processes >= 1):
+            raise ValueError(f"num_processes must be an integer >= 1, got {num_processes!r}")
+        if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
+            raise ValueError(f"process_id must be in 0..{num_processes - 1}, got {process_id!r}")
+    if "jax_cpu_collectives_implementation" in jax.config.values:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s,
+                                   initialization_timeout=initialization_timeout_s)
+    except (RuntimeError, ValueError) as err:
+        if coordinator is None and "coordinator_address" in str(err):
+            raise ValueError("--distributed found no cluster environment (SLURM, Open MPI, "
+                             "TPU): give --coordinator HOST:PORT --num-processes N "
+                             "--process-id I") from err
+        where = coordinator or "the detected coordinator"
+        raise ProcessError(f"could not join the distributed run at {where}: "
+                           f"{_first_line(err)}") from err
+    share = process_share()
+    # The first collective connects the processes (gloo's TCP pairs). Done here, a process
+    # that dies later closes its sockets and the others' next exchange fails at once, instead
+    # of waiting to connect to it until the heartbeat timeout aborts them.
+    share.exchange(None)
+    return share
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessShare:
+    """This process's share of numbered tasks, and the exchange of their results.
+
+    Task ``t`` belongs to process ``t % count`` (round robin: neighbouring tasks, which tend
+    to cost the same, go to different processes). :meth:`gather` gives every process the
+    results of all tasks, so code that reduces them in task order gets the one-process
+    numbers exactly. One process (the default :data:`LOCAL`) owns every task and gathers
+    nothing. Metrics take a share as a plain argument and never import this module.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if not (self.count >= 1 and 0 <= self.index < self.count):
+            raise ValueError(f"process {self.index} of {self.count} is not a valid share")
+
+    @property
+    def is_main(self) -> bool:
+        """Process 0: the one that prints and writes files."""
+        return self.index == 0
+
+    def owns(self, task: int) -> bool:
+        return task % self.count == self.index
+
+    def tasks(self, n: int) -> range:
+        """The tasks of ``0 .. n - 1`` this process computes."""
+        return range(self.index, n, self.count)
+
+    def gather(self, values: Mapping[int, Any]) -> dict[int, Any]:
+        """Every process's ``{task: result}`` merged (the same dict on every process)."""
+        merged: dict[int, Any] = {}
+        for part in self.exchange(dict(values)):
+            merged.update(part)
+        return dict(sorted(merged.items()))
+
+    def sum(self, value: float) -> float:
+        """The float64 sum of one number per process, added in process order."""
+        return float(sum(float(v) for v in self.exchange(float(value))))
+
+    def exchange(self, obj) -> list:
+        """``obj`` of every process, in process order (pickled; objects of this program)."""
+        if self.count == 1:
+            return [obj]
+        return [pickle.loads(b) for b in _allgather_bytes(pickle.dumps(obj, protocol=5))]
+
+    def run(self, fn: Callable[[], Any]) -> list:
+        """``fn()`` on every process, then its results in process order. An exception in any
+        process is raised on every process (as :class:`ProcessError` naming the process),
+        so no process waits for one that gave up."""
+        try:
+            outcome = ("ok", fn())
+        except Exception as err:  # sent to the other processes, then re-raised here
+            if self.count == 1:
+                raise
+            outcome = ("error", f"{type(err).__name__}: {err}", err)
+        outcomes = self.exchange(outcome[:2])
+        for i, out in enumerate(outcomes):
+            if out[0] == "error":
+                if i == self.index:
+                    raise outcome[2]
+                raise ProcessError(f"process {i} of {self.count} failed: {out[1]}")
+        return [out[1] for out in outcomes]
+
+
+LOCAL = ProcessShare()
+
+
+def process_share() -> ProcessShare:
+    """The share of this process: :data:`LOCAL` unless :func:`initialize` joined a run."""
+    count = jax.process_count()
+    return LOCAL if count == 1 else ProcessShare(jax.process_index(), count)
+
+
+def _allgather_bytes(data: bytes) -> list[bytes]:
+    """Every process's bytes, in process order, over JAX's collectives (gloo on CPU)."""
+    from jax.experimental import multihost_utils
+
+    try:
+        sizes = multihost_utils.process_allgather(np.array([len(data)], np.int64))
+        longest = int(np.max(sizes))
+        # Lengths rounded up to a power of two: few distinct shapes, few compilations.
+        width = 1 << max(10, (longest - 1).bit_length())
+        buffer = np.zeros(width, np.uint8)
+        buffer[: len(data)] = np.frombuffer(data, np.uint8)
+        gathered = multihost_utils.process_allgather(buffer)
+    except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as err:
+        # A failed collective surfaces as JaxRuntimeError or, through jit, as a ValueError
+        # whose text is the runtime's ("Gloo AllGather failed: ... Connection closed").
+        lost = ProcessError(
+            f"lost contact with another process of the distributed run ({_first_line(err)}); "
+            "it probably died (see its output). Rerun the same command on every process: "
+            "finished feature chunks are cached and training resumes from its checkpoint")
+        lost.lost = True  # the CLI leaves without JAX's exit barrier, which would wait for it
+        raise lost from err
+    return [bytes(row[: int(n)]) for row, n in zip(gathered, np.ravel(sizes), strict=True)]

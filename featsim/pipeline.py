@@ -14,6 +14,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from featsim import parallel
 from featsim.backbones.registry import ENCODER_FILENAME, Backbone, get_backbone
 from featsim.backbones.tfjs import load_tfjs_mobilenet_v1
 from featsim.data.sources import open_source
@@ -151,7 +152,11 @@ def feature_distance(
             :func:`featsim.report.similarity_report`; checked before any extraction.
         **extract_kwargs: for :func:`~featsim.features.extract_features` (``batch_size``,
             ``skip_bad``, ``cache_dir``, ``normalization``, ``progress``, ...); ``progress``
-            also governs the bars of the interval phase (shown on a TTY only).
+            also governs the bars of the interval phase (shown on a TTY only). In a
+            ``jax.distributed`` run (:func:`featsim.parallel.initialize`) every process makes
+            this call: extraction and the statistics are split over the processes
+            (``share``, default :func:`featsim.parallel.process_share`) and every process
+            returns the one-process result.
     """
     if not isinstance(stats, StatOptions):  # before minutes of extraction, not after
         raise TypeError(f"stats must be a featsim.metrics.StatOptions, got "
@@ -163,8 +168,10 @@ def feature_distance(
             raise ValueError(
                 f"{role} {listed.spec!r} has {len(listed)} image(s): D, its within-domain "
                 "baselines, FID and KID need at least 2 images per domain")
-    feats = [extract_features(backbone, s, layers=(layer,), **extract_kwargs)
+    share = extract_kwargs.pop("share", None) or parallel.process_share()
+    feats = [extract_features(backbone, s, layers=(layer,), share=share, **extract_kwargs)
              for s in sources]
     report = similarity_report(feats[0][layer], feats[1][layer], stats=stats,
-                               progress=extract_kwargs.get("progress", True))
+                               progress=extract_kwargs.get("progress", True) and share.is_main,
+                               share=share)
     return DistanceResult(report=report, source=feats[0], target=feats[1], layer=layer)

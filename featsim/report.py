@@ -229,6 +229,7 @@ def similarity_report(
     *,
     stats: StatOptions = DEFAULT_STATS,
     progress: bool | None = None,
+    share=None,
 ) -> SimilarityReport:
     """Computes every featsim metric between two feature sets.
 
@@ -256,6 +257,11 @@ def similarity_report(
           set, with a warning).
         * ``seed``: seed of the KID subsets, bootstrap and permutations.
       progress: progress bars for the resampling phases (shown only on a TTY; False: never).
+      share: the processes of a ``jax.distributed`` run (``featsim.parallel.process_share()``)
+        splitting the euclidean distance tiles, KID, the bootstrap resamples, the FID
+        jackknife and FID_infinity; every process passes the same arrays and gets the
+        one-process report exactly. The float64 Gram matrices of the intervals, FID and the
+        permutation test run whole on every process. None: all here.
 
     Returns:
       A ``SimilarityReport``.
@@ -268,13 +274,13 @@ def similarity_report(
                         f"{type(stats).__name__}")
     metric, n_bootstrap, n_permutations = stats.metric, stats.n_bootstrap, stats.n_permutations
     confidence, seed = stats.confidence, stats.seed
-    summary = metrics.distance_summary(source, target, metric=metric)
+    summary = metrics.distance_summary(source, target, metric=metric, share=share)
     with warnings.catch_warnings():  # both facts go into the report (`facts`), not stderr
         warnings.simplefilter("ignore", metrics.FIDRankWarning)
         warnings.filterwarnings("ignore", message=r"subset_size=\d+ is larger than the smaller")
         details = metrics.fid_details(source, target)
         kid = metrics.kid(source, target, subset_size=stats.kid_subset_size,
-                          num_subsets=stats.kid_subsets, seed=seed)
+                          num_subsets=stats.kid_subsets, seed=seed, share=share)
     ci = {}
     resampler = None
     n, m, dim = summary.n_x, summary.n_y, details.dim
@@ -282,7 +288,8 @@ def similarity_report(
         resampler = metrics.TwoSampleResampler(source, target, metric=metric)
         estimates = metrics.resampled_intervals(
             source, target, metric=metric, n_resamples=n_bootstrap, confidence=confidence,
-            method=stats.ci_method, seed=seed, progress=progress, resampler=resampler)
+            method=stats.ci_method, seed=seed, progress=progress, resampler=resampler,
+            share=share)
         printed = {"distance": summary.between, "distance_source": summary.within_x,
                    "distance_target": summary.within_y, "ratio": summary.ratio,
                    "energy_distance": summary.energy,
@@ -302,7 +309,8 @@ def similarity_report(
         cosine = metrics.average_distance(source, target, metric="cosine")
     fid_inf = None
     if min(n, m) >= 4 and (resampler is not None or (min(n, m) <= dim and n + m <= 5000)):
-        fid_inf = metrics.fid_infinity(source, target, seed=seed, resampler=resampler).value
+        fid_inf = metrics.fid_infinity(source, target, seed=seed, resampler=resampler,
+                                       share=share).value
     pvalue = None
     if n_permutations:
         pvalue = metrics.permutation_test(_energy(metric), source, target,

@@ -178,6 +178,7 @@ def extract_features(
     num_workers: int | None = None,
     progress: bool = True,
     data_dir: str | os.PathLike | None = None,
+    share: parallel.ProcessShare | None = None,
 ) -> Features:
     """Runs ``backbone`` over every image of ``source``.
 
@@ -202,6 +203,13 @@ def extract_features(
         num_workers: decoding threads (default: CPU count, at most 8).
         progress: show a tqdm progress bar.
         data_dir: tensorflow-datasets folder for ``tfds:`` specs.
+        share: the processes' split of the work (default
+            :func:`featsim.parallel.process_share`: all of it in a one-process program). In a
+            ``jax.distributed`` run every process makes the same call; each reads, decodes,
+            computes and caches only its chunks (chunk ``c`` on process ``c % count``, so no
+            two processes write one cache file), and every process returns the whole
+            :class:`Features`, identical to a one-process run's (same chunks, same batches).
+            Pass :data:`featsim.parallel.LOCAL` to extract everything in this process alone.
 
     Returns:
         :class:`Features`.
@@ -249,34 +257,23 @@ def extract_features(
     store = FeatureCache(cache_dir or default_cache_dir(), key_fields) if cache else None
 
     items = source.items
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-        hashed = list(pool.map(_hash_item, items))
-        hashes = [h for h, _ in hashed]
-        read_errors = {i: e for i, (_, e) in enumerate(hashed) if e is not None}
-        if read_errors and not skip_bad:
-            raise ValueError(next(iter(read_errors.values())) + " (use skip_bad=True / "
-                             "--skip-bad to leave unreadable files out and list them)")
-        starts = range(0, len(items), chunk_size)
-        chunks: list[Chunk | None] = [
-            store.load(hashes[s : s + chunk_size], layers) if store else None for s in starts
-        ]
-        todo = [i for s, c in zip(starts, chunks, strict=True) if c is None
-                for i in range(s, min(s + chunk_size, len(items)))]
-        decoded = _prefetch(pool, items, todo, transform, read_errors, lookahead=2 * batch_size)
-        variables = jax.device_put(
-            backbone.variables, NamedSharding(parallel.local_mesh(), PartitionSpec()))
-        forward = _compiled_forward(backbone.module, layers, pooling)
-        bar = tqdm(total=len(items), desc=f"{backbone.name} {source.spec}", unit="img",
-                   disable=not progress)
-        for c, s in enumerate(starts):
-            stop = min(s + chunk_size, len(items))
-            if chunks[c] is None:
-                chunks[c] = _compute_chunk(
-                    forward, variables, decoded, hashes[s:stop], batch_size, layers, skip_bad)
-                if store:
-                    store.save(chunks[c])
-            bar.update(stop - s)
-        bar.close()
+    share = parallel.process_share() if share is None else share
+    starts = range(0, len(items), chunk_size)
+    own = list(share.tasks(len(starts)))
+
+    def compute_own() -> dict[int, Chunk]:
+        return _own_chunks(backbone, items, starts, own, chunk_size=chunk_size, store=store,
+                           transform=transform, layers=layers, pooling=pooling,
+                           batch_size=batch_size, skip_bad=skip_bad, num_workers=num_workers,
+                           progress=progress and share.is_main,
+                           desc=f"{backbone.name} {source.spec}" + (
+                               f" (process 0 of {share.count})" if share.count > 1 else ""))
+
+    done: dict[int, Chunk] = {}
+    for part in share.run(compute_own):
+        done.update(part)
+    chunks = [done[c] for c in range(len(starts))]
+    hashes = [h for c in chunks for h in c.hashes]
 
     ok = np.concatenate([c.ok for c in chunks])
     errors = [e for c in chunks for e in c.errors]
@@ -327,6 +324,37 @@ def extract_features(
         skipped=skipped,
         manifest=manifest,
     )
+
+
+def _own_chunks(backbone, items, starts, own, *, chunk_size, store, transform, layers,
+                pooling, batch_size, skip_bad, num_workers, progress, desc) -> dict[int, Chunk]:
+    """The chunks ``own`` (indices into ``starts``): from the cache, else computed and
+    cached. Only their items are read and decoded."""
+    spans = {c: range(starts[c], min(starts[c] + chunk_size, len(items))) for c in own}
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+        index = [i for c in own for i in spans[c]]
+        hashed = dict(zip(index, pool.map(_hash_item, [items[i] for i in index]), strict=True))
+        read_errors = {i: e for i, (_, e) in hashed.items() if e is not None}
+        if read_errors and not skip_bad:
+            raise ValueError(next(iter(read_errors.values())) + " (use skip_bad=True / "
+                             "--skip-bad to leave unreadable files out and list them)")
+        hashes = {c: [hashed[i][0] for i in spans[c]] for c in own}
+        chunks = {c: store.load(hashes[c], layers) if store else None for c in own}
+        todo = [i for c in own if chunks[c] is None for i in spans[c]]
+        decoded = _prefetch(pool, items, todo, transform, read_errors, lookahead=2 * batch_size)
+        variables = jax.device_put(
+            backbone.variables, NamedSharding(parallel.local_mesh(), PartitionSpec()))
+        forward = _compiled_forward(backbone.module, layers, pooling)
+        bar = tqdm(total=len(index), desc=desc, unit="img", disable=not progress)
+        for c in own:
+            if chunks[c] is None:
+                chunks[c] = _compute_chunk(
+                    forward, variables, decoded, hashes[c], batch_size, layers, skip_bad)
+                if store:
+                    store.save(chunks[c])
+            bar.update(len(spans[c]))
+        bar.close()
+    return chunks
 
 
 def _small_images(items, sizes: np.ndarray, ok: np.ndarray, input_size: int) -> dict:

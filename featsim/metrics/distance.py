@@ -214,28 +214,37 @@ def _tile_shape(n: int, m: int, block: int) -> tuple[int, int]:
     return _balanced(n, block), _balanced(m, 16 * block)
 
 
-def _euclidean_sum_host(x, y, centre, *, block: int, same: bool):
+def _euclidean_sum_host(x, y, centre, *, block: int, same: bool, share=None):
     """Host loop over tiles: one jit-compiled GEMM per tile, then a jit-compiled epilogue.
 
     Keeping the GEMM a call of its own matters on CPU: XLA fuses a matmul with its elementwise
     consumer into a kernel about 2x slower than the plain GEMM (measured while writing
     benchmarks/metrics.py). Calls are dispatched asynchronously, so tiles pipeline; the
-    per-tile sums (accumulation dtype) are added in float64 on the host.
+    per-tile sums (accumulation dtype) are added in float64 on the host. With a ``share``
+    (see ``average_distance``) each process computes the tiles it owns and the per-tile sums
+    of all processes are added in tile order: the one-process value, exactly.
     """
     bx, by = _tile_shape(x.shape[0], y.shape[0], block)
     if same:
         bx = by = min(bx, by)
     xt, xsq, xv = _tiles_jit(x, bx, centre)
     yt, ysq, yv = (xt, xsq, xv) if same else _tiles_jit(y, by, centre)
-    parts = []
+    parts, tile = {}, -1
     for i in range(xt.shape[0]):
         for j in range(yt.shape[0]):
             if same and j < i:
                 continue  # symmetric: the tile (j, i) holds the same pairs
+            tile += 1
+            if share is not None and not share.owns(tile):
+                continue
             g = _tile_gram_jit(xt[i], yt[j])
-            parts.append(_tile_distance_sum_jit(g, xsq[i], ysq[j], xv[i], yv[j], i * bx,
-                                                j * by, upper=same))
-    total = float(np.sum(np.asarray(jax.device_get(parts), np.float64)))
+            parts[tile] = _tile_distance_sum_jit(g, xsq[i], ysq[j], xv[i], yv[j], i * bx,
+                                                 j * by, upper=same)
+    parts = dict(zip(parts, np.asarray(jax.device_get(list(parts.values())), np.float64)
+                     .reshape(-1), strict=True))
+    if share is not None:
+        parts = share.gather(parts)
+    total = float(np.sum(np.array([parts[t] for t in range(tile + 1)], np.float64)))
     return 2.0 * total if same else total
 
 
@@ -297,7 +306,7 @@ def _check_nonzero_rows(x, name: str) -> None:
         )
 
 
-def _pair_sum(x, y, *, metric: str, same: bool, block_size: int):
+def _pair_sum(x, y, *, metric: str, same: bool, block_size: int, share=None):
     """Sum of distances over the pairs (see kernels); x, y validated, host or traced."""
     traced = is_traced(x, y)
     with host_x64(not traced):
@@ -320,7 +329,7 @@ def _pair_sum(x, y, *, metric: str, same: bool, block_size: int):
             xj = jnp.asarray(x, dtype)
             yj = xj if same else jnp.asarray(y, dtype)
             return _euclidean_sum_host(xj, yj, jnp.asarray(centre), block=block_size,
-                                       same=same)
+                                       same=same, share=share)
         xj = jnp.asarray(x, dtype)
         yj = None if same else jnp.asarray(y, dtype)
         total = _CLOSED_FORM_KERNELS[metric](xj, yj, same)
@@ -340,7 +349,8 @@ def _validated_pair(x, y, metric):
     return x, y, same
 
 
-def average_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK):
+def average_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK,
+                    share=None):
     """Gu & Lee's average feature distance D(F_C, F_M): the mean of d(x_i, y_j) over all pairs.
 
     D(X, Y) = 1/(n m) sum_i sum_j d(x_i, y_j), including every one of the n * m pairs (if ``y``
@@ -355,6 +365,11 @@ def average_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFA
         ``scipy.spatial.distance.cdist``.
       block_size: rows per tile of the euclidean kernel; tiles hold up to block_size x
         16 * block_size pairs (64 MiB of float32 at the default 1024).
+      share: the processes of a ``jax.distributed`` run sharing the euclidean tiles
+        (``featsim.parallel.process_share()``; any object with ``owns(tile)`` and
+        ``gather({tile: sum})``). Every process passes the same arrays; each computes its
+        tiles and all return the same value, equal to the one-process value (the per-tile
+        sums are added in tile order). None: every tile here.
 
     Returns:
       A Python float (a 0-d JAX array inside ``jax.jit``).
@@ -373,11 +388,14 @@ def average_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFA
     x, y, same = _validated_pair(x, y, metric)
     n, m = x.shape[0], y.shape[0]
     if same:
-        return _pair_sum(x, x, metric=metric, same=True, block_size=block_size) / (n * n)
-    return _pair_sum(x, y, metric=metric, same=False, block_size=block_size) / (n * m)
+        return _pair_sum(x, x, metric=metric, same=True, block_size=block_size,
+                         share=share) / (n * n)
+    return _pair_sum(x, y, metric=metric, same=False, block_size=block_size,
+                     share=share) / (n * m)
 
 
-def within_distance(x, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK):
+def within_distance(x, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK,
+                    share=None):
     """The within-domain baseline: mean of d(x_i, x_j) over ordered pairs i != j.
 
     This is the U-statistic 1/(n(n-1)) sum_{i != j} d(x_i, x_j); it relates to the
@@ -387,6 +405,7 @@ def within_distance(x, *, metric: str = "euclidean", block_size: int = _DEFAULT_
       x: float array of shape ``[n, d]``, n >= 2.
       metric: as in ``average_distance``.
       block_size: as in ``average_distance``.
+      share: as in ``average_distance``.
 
     Returns:
       A Python float (a 0-d JAX array inside ``jax.jit``).
@@ -400,7 +419,8 @@ def within_distance(x, *, metric: str = "euclidean", block_size: int = _DEFAULT_
     if metric == "cosine":
         _check_nonzero_rows(x, "x")
     n = x.shape[0]
-    return _pair_sum(x, x, metric=metric, same=True, block_size=block_size) / (n * (n - 1))
+    return _pair_sum(x, x, metric=metric, same=True, block_size=block_size,
+                     share=share) / (n * (n - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,17 +453,18 @@ class DistanceSummary:
         return dataclasses.asdict(self)
 
 
-def _energy_parts(x, y, metric, block_size):
+def _energy_parts(x, y, metric, block_size, share=None):
     n, m = x.shape[0], y.shape[0]
-    sxy = _pair_sum(x, y, metric=metric, same=False, block_size=block_size)
-    sxx = _pair_sum(x, x, metric=metric, same=True, block_size=block_size)
-    syy = _pair_sum(y, y, metric=metric, same=True, block_size=block_size)
+    sxy = _pair_sum(x, y, metric=metric, same=False, block_size=block_size, share=share)
+    sxx = _pair_sum(x, x, metric=metric, same=True, block_size=block_size, share=share)
+    syy = _pair_sum(y, y, metric=metric, same=True, block_size=block_size, share=share)
     between = sxy / (n * m)
     energy = 2.0 * between - sxx / (n * n) - syy / (m * m)
     return between, sxx / (n * (n - 1)), syy / (m * (m - 1)), energy
 
 
-def energy_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK):
+def energy_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK,
+                   share=None):
     """Energy distance E(X, Y) = 2 D(X, Y) - D(X, X) - D(Y, Y) (Szekely & Rizzo 2013).
 
     All three terms are V-statistics (means over all pairs, self-pairs included), so E >= 0
@@ -455,6 +476,7 @@ def energy_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFAU
       x: float array ``[n, d]``; y: float array ``[m, d]``; n, m >= 2.
       metric: as in ``average_distance`` (default euclidean).
       block_size: as in ``average_distance``.
+      share: as in ``average_distance``.
 
     Returns:
       A Python float (a 0-d JAX array inside ``jax.jit``). Tiny negative values from rounding
@@ -470,10 +492,11 @@ def energy_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFAU
     for a, name in ((x, "x"), (y, "y")):
         if a.shape[0] < 2:
             raise ValueError(f"{name} needs at least 2 rows, got shape {tuple(a.shape)}")
-    return _energy_parts(x, y, metric, block_size)[3]
+    return _energy_parts(x, y, metric, block_size, share)[3]
 
 
-def distance_summary(x, y, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK):
+def distance_summary(x, y, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK,
+                    share=None):
     """Computes D(X, Y), both within-set baselines, energy distance and scale-free ratios.
 
     Fine-tuning rescales features, so compare D across two backbones (or before/after
@@ -483,6 +506,7 @@ def distance_summary(x, y, *, metric: str = "euclidean", block_size: int = _DEFA
       x: float array ``[n, d]``; y: float array ``[m, d]``; n, m >= 2.
       metric: as in ``average_distance``.
       block_size: as in ``average_distance``.
+      share: as in ``average_distance``.
 
     Returns:
       A ``DistanceSummary`` (host path only; inside ``jax.jit`` use the single functions).
@@ -498,7 +522,7 @@ def distance_summary(x, y, *, metric: str = "euclidean", block_size: int = _DEFA
     for a, name in ((x, "x"), (y, "y")):
         if a.shape[0] < 2:
             raise ValueError(f"{name} needs at least 2 rows, got shape {tuple(a.shape)}")
-    between, wx, wy, energy = _energy_parts(x, y, metric, block_size)
+    between, wx, wy, energy = _energy_parts(x, y, metric, block_size, share)
     baseline = 0.5 * (wx + wy)
     return DistanceSummary(
         metric=metric,

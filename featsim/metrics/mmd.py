@@ -233,7 +233,8 @@ def polynomial_mmd2(x, y, *, degree: int = 3, gamma: float | None = None, coef0:
     return float(_unbiased_mmd2(np, x64, y64, degree, gamma, coef0))
 
 
-def kid(x, y, *, subset_size: int = 1000, num_subsets: int = 100, seed: int = 0) -> KIDResult:
+def kid(x, y, *, subset_size: int = 1000, num_subsets: int = 100, seed: int = 0,
+        share=None) -> KIDResult:
     """Kernel Inception Distance between two feature sets (Binkowski et al. 2018).
 
     For each of ``num_subsets`` subsets, draws ``subset_size`` rows of ``x`` and of ``y``
@@ -257,6 +258,11 @@ def kid(x, y, *, subset_size: int = 1000, num_subsets: int = 100, seed: int = 0)
       subset_size: integer >= 2, rows per subset (clamped, see above).
       num_subsets: integer >= 1.
       seed: seed for ``np.random.default_rng`` (must be a concrete value, also under jit).
+      share: the processes of a ``jax.distributed`` run sharing the work (host path;
+        ``featsim.parallel.process_share()``, or any object with ``owns(task)`` and
+        ``gather({task: value})``): each computes its kernel tiles or subset chunks, and
+        the parts are combined in the one-process order, so every process returns the
+        one-process result exactly. None: all here.
 
     Returns:
       A :class:`KIDResult` ``(mean, std, subset_size, num_subsets, mmd2)``: Python floats and a
@@ -297,7 +303,7 @@ def kid(x, y, *, subset_size: int = 1000, num_subsets: int = 100, seed: int = 0)
     if is_traced(x, y):
         values = _kid_traced(x, y, ix, iy, degree, gamma, coef0)
         return KIDResult(jnp.mean(values), jnp.std(values), m, num_subsets, values)
-    values = _kid_host(x, y, ix, iy, degree, gamma, coef0)
+    values = _kid_host(x, y, ix, iy, degree, gamma, coef0, share)
     return KIDResult(float(values.mean()), float(values.std()), m, num_subsets, values)
 
 
@@ -385,33 +391,37 @@ def _host_kernel(a, b, params, unscale: float, *, same: bool) -> np.ndarray:
     return _int_power(t, degree)
 
 
-def _kid_host(x, y, ix, iy, degree, gamma, coef0) -> np.ndarray:
+def _kid_host(x, y, ix, iy, degree, gamma, coef0, share=None) -> np.ndarray:
     num_subsets, m = ix.shape
     strategy = _host_strategy(x.shape[0], y.shape[0], m, num_subsets, x.shape[1])
     xs, ys, unscale = _host_operands(x, y, _gram_dtype(degree))
     params = (degree, gamma, coef0)
     if strategy == "gram":
-        return _kid_host_gram(xs, ys, ix, iy, params, unscale)
-    return _kid_host_subsets(xs, ys, ix, iy, params, unscale)
+        return _kid_host_gram(xs, ys, ix, iy, params, unscale, share)
+    return _kid_host_subsets(xs, ys, ix, iy, params, unscale, share)
 
 
-def _kid_host_subsets(x, y, ix, iy, params, unscale) -> np.ndarray:
+def _kid_host_subsets(x, y, ix, iy, params, unscale, share=None) -> np.ndarray:
     """Gathers each subset and runs the kernel on it, a vectorised chunk of subsets at a time."""
     num_subsets, m = ix.shape
     chunk = _subsets_per_chunk(num_subsets, m, x.shape[1], x.dtype.itemsize)
-    out = np.empty(num_subsets, dtype=np.float64)
-    for start in range(0, num_subsets, chunk):
+    parts = {}
+    for task, start in enumerate(range(0, num_subsets, chunk)):
+        if share is not None and not share.owns(task):
+            continue
         stop = min(start + chunk, num_subsets)
         xs = x[ix[start:stop]]  # [chunk, m, d]
         ys = y[iy[start:stop]]
         kxx = _offdiag_sum(np, _host_kernel(xs, xs, params, unscale, same=True))
         kyy = _offdiag_sum(np, _host_kernel(ys, ys, params, unscale, same=True))
         kxy = np.sum(_host_kernel(xs, ys, params, unscale, same=False), axis=(-2, -1))
-        out[start:stop] = (kxx + kyy) / (m * (m - 1.0)) - 2.0 * kxy / (m * float(m))
-    return out
+        parts[task] = (kxx + kyy) / (m * (m - 1.0)) - 2.0 * kxy / (m * float(m))
+    if share is not None:
+        parts = share.gather(parts)
+    return np.concatenate([parts[t] for t in sorted(parts)]).astype(np.float64)
 
 
-def _kid_host_gram(x, y, ix, iy, params, unscale) -> np.ndarray:
+def _kid_host_gram(x, y, ix, iy, params, unscale, share=None) -> np.ndarray:
     """All subsets at once from kernel tiles over all rows.
 
     With ``w`` the 0/1 indicator of a subset, sum_{i, j in S} K_ij = w^T K w, so for the
@@ -426,30 +436,41 @@ def _kid_host_gram(x, y, ix, iy, params, unscale) -> np.ndarray:
     wx[rows, ix] = 1.0
     wy = np.zeros((num_subsets, y.shape[0]))
     wy[rows, iy] = 1.0
-    sxx, dxx = _indicator_kernel_sums(x, x, wx, wx, params, unscale, same=True)
-    syy, dyy = _indicator_kernel_sums(y, y, wy, wy, params, unscale, same=True)
-    sxy, _ = _indicator_kernel_sums(x, y, wx, wy, params, unscale, same=False)
+    sxx, dxx = _indicator_kernel_sums(x, x, wx, wx, params, unscale, same=True, share=share)
+    syy, dyy = _indicator_kernel_sums(y, y, wy, wy, params, unscale, same=True, share=share)
+    sxy, _ = _indicator_kernel_sums(x, y, wx, wy, params, unscale, same=False, share=share)
     return (sxx - dxx) / (m * (m - 1.0)) + (syy - dyy) / (m * (m - 1.0)) - 2.0 * sxy / (m * m)
 
 
-def _indicator_kernel_sums(a, b, wa, wb, params, unscale, *, same: bool):
-    """Per subset k: sum_{i, j} wa[k, i] wb[k, j] K(a_i, b_j), and (``same``) the diagonal part."""
-    total = np.zeros(wa.shape[0])
-    diag = np.zeros(wa.shape[0])
+def _indicator_kernel_sums(a, b, wa, wb, params, unscale, *, same: bool, share=None):
+    """Per subset k: sum_{i, j} wa[k, i] wb[k, j] K(a_i, b_j), and (``same``) the diagonal part.
+
+    With a ``share``, each process computes its tiles and the tile parts of all processes
+    are added in tile order (the one-process sums, exactly)."""
+    parts, tile = {}, -1
     t = _GRAM_TILE
     for i0 in range(0, a.shape[0], t):
         wa_i = wa[:, i0 : i0 + t]
         for j0 in range(i0 if same else 0, b.shape[0], t):
+            tile += 1
+            if share is not None and not share.owns(tile):
+                continue
             on_diagonal = same and j0 == i0
             k = _host_kernel(a[i0 : i0 + t], b[j0 : j0 + t], params, unscale, same=on_diagonal)
             part = np.sum((wa_i @ k) * wb[:, j0 : j0 + t], axis=1)
             if on_diagonal:
-                total += part
-                diag += wa_i @ np.diagonal(k)
-            elif same:
-                total += 2.0 * part  # the mirrored tile (j, i) sums to the same value
-            else:
-                total += part
+                parts[tile] = (part, wa_i @ np.diagonal(k))
+            else:  # same: the mirrored tile (j, i) sums to the same value
+                parts[tile] = (2.0 * part if same else part, None)
+    if share is not None:
+        parts = share.gather(parts)
+    total = np.zeros(wa.shape[0])
+    diag = np.zeros(wa.shape[0])
+    for t_ in range(tile + 1):
+        part, on_diag = parts[t_]
+        total += part
+        if on_diag is not None:
+            diag += on_diag
     return total, diag
 
 

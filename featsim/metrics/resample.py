@@ -319,14 +319,15 @@ class TwoSampleResampler:
             trace_sqrt = np.sqrt(np.maximum(ev, 0.0)).sum()
         return float(mean_term + tr_x + tr_y - 2.0 * trace_sqrt)
 
-    def fid_jackknife(self, *, groups: int = 20, seed=0, progress=None):
+    def fid_jackknife(self, *, groups: int = 20, seed=0, progress=None, share=None):
         """Delete-a-group jackknife of FID: ``(fid_j, se, dof, n_evaluations)``.
 
         Each set is split into ``min(groups, rows)`` random groups of near-equal size; FID is
         recomputed without each group of x (all of y) and without each group of y. With
         ``theta`` the plain FID and ``g`` groups, ``fid_j = theta - (g - 1) sum_s (mean_k
         theta_(-k,s) - theta)`` and ``se^2 = sum_s (g - 1) / g sum_k (theta_(-k,s) -
-        mean)^2``; ``dof = min(g_x, g_y) - 1`` (for a t quantile).
+        mean)^2``; ``dof = min(g_x, g_y) - 1`` (for a t quantile). ``share``: the
+        processes of a distributed run split the deleted groups (see ``resampled_intervals``).
         """
         rng = np.random.default_rng(seed)
         full_x, full_y = np.ones(self.n), np.ones(self.m)
@@ -338,12 +339,17 @@ class TwoSampleResampler:
             parts.append((size, g, labels))
             dof = g - 1 if dof is None else min(dof, g - 1)
         bar = _progress(sum(p[1] for p in parts), "FID jackknife", progress)
-        for side, (_size, g, labels) in enumerate(parts):
-            values = np.empty(g)
-            for k in range(g):
-                keep = (labels != k).astype(np.float64)
-                values[k] = (self.fid(keep, full_y) if side == 0 else self.fid(full_x, keep))
-                bar.update(1)
+        tasks = [(side, k) for side, (_, g, _) in enumerate(parts) for k in range(g)]
+        done = {}
+        for task, (side, k) in enumerate(tasks):
+            if share is None or share.owns(task):
+                keep = (parts[side][2] != k).astype(np.float64)
+                done[task] = self.fid(keep, full_y) if side == 0 else self.fid(full_x, keep)
+            bar.update(1)
+        if share is not None:
+            done = share.gather(done)
+        for side, (_size, g, _labels) in enumerate(parts):
+            values = np.array([done[t] for t, (s, _) in enumerate(tasks) if s == side])
             bias += (g - 1) * (values.mean() - theta)
             var += (g - 1) / g * np.sum((values - values.mean()) ** 2)
         bar.close()
@@ -428,6 +434,7 @@ def resampled_intervals(
     seed=0,
     progress=None,
     resampler: TwoSampleResampler | None = None,
+    share=None,
 ) -> dict[str, IntervalEstimate]:
     """Intervals for the population values of every two-set statistic of the report.
 
@@ -448,6 +455,11 @@ def resampled_intervals(
       seed: seed of the counts and the jackknife groups.
       progress: show a tqdm bar (None: only on a TTY).
       resampler: a ``TwoSampleResampler`` of (x, y, metric) to reuse.
+      share: the processes of a ``jax.distributed`` run splitting the resamples
+        (``featsim.parallel.process_share()``, or any object with ``owns(task)`` and
+        ``gather({task: value})``). Every process draws the same counts from ``seed`` and
+        evaluates its chunks of resamples and jackknife groups; all return the one-process
+        intervals exactly. None: all here.
 
     Returns:
       name -> :class:`IntervalEstimate` for ``PAIRWISE_STATISTICS`` and ``"fid"``.
@@ -475,21 +487,28 @@ def resampled_intervals(
     rs = resampler if resampler is not None else TwoSampleResampler(x, y, metric=metric)
     rng = np.random.default_rng(seed)
     fid_seed = int(rng.integers(2**63))
-    out = _pairwise_intervals(rs, rng, n_resamples, confidence, (method,), progress)[method]
-    out["fid"] = _fid_interval(rs, confidence, fid_groups, fid_seed, progress)
+    out = _pairwise_intervals(rs, rng, n_resamples, confidence, (method,), progress,
+                              share)[method]
+    out["fid"] = _fid_interval(rs, confidence, fid_groups, fid_seed, progress, share)
     return out
 
 
-def _pairwise_intervals(rs, rng, n_resamples, confidence, methods, progress):
+def _pairwise_intervals(rs, rng, n_resamples, confidence, methods, progress, share=None):
     """method -> name -> IntervalEstimate for PAIRWISE_STATISTICS, one set of resamples."""
     full = rs.pairwise(np.ones(rs.n), np.ones(rs.m))
-    chunks = []
+    done = {}
     bar = _progress(n_resamples, "bootstrap", progress)
-    for start in range(0, n_resamples, _BATCH):
+    for task, start in enumerate(range(0, n_resamples, _BATCH)):
         r = min(_BATCH, n_resamples - start)
-        chunks.append(rs.pairwise(_bootstrap_counts(rng, rs.n, r), _bootstrap_counts(rng, rs.m, r)))
+        # Every process draws every chunk's counts (the same stream), computes its own.
+        w, v = _bootstrap_counts(rng, rs.n, r), _bootstrap_counts(rng, rs.m, r)
+        if share is None or share.owns(task):
+            done[task] = rs.pairwise(w, v)
         bar.update(r)
     bar.close()
+    if share is not None:
+        done = share.gather(done)
+    chunks = [done[t] for t in sorted(done)]
     jack = rs.pairwise_jackknife() if "BCa" in methods else {}
     out = {method: {} for method in methods}
     for name in PAIRWISE_STATISTICS:
@@ -510,10 +529,11 @@ def _pairwise_intervals(rs, rng, n_resamples, confidence, methods, progress):
     return out
 
 
-def _fid_interval(rs, confidence, groups, seed, progress):
+def _fid_interval(rs, confidence, groups, seed, progress, share=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        fid_j, se, dof, evals = rs.fid_jackknife(groups=groups, seed=seed, progress=progress)
+        fid_j, se, dof, evals = rs.fid_jackknife(groups=groups, seed=seed, progress=progress,
+                                                 share=share)
     t = scipy.stats.t.ppf(0.5 + confidence / 2.0, max(dof, 1))
     low, high, clamped = _clamp("fid", fid_j - t * se, fid_j + t * se)
     return IntervalEstimate(float(fid_j), low, high, float(se), "jackknife-t", evals, clamped)
@@ -527,6 +547,7 @@ def fid_infinity(
     draws: int = 2,
     seed=0,
     resampler: TwoSampleResampler | None = None,
+    share=None,
 ) -> FIDInfinity:
     """FID_infinity (Chong & Forsyth 2020): FID extrapolated to infinitely many samples.
 
@@ -545,6 +566,7 @@ def fid_infinity(
       draws: subsamples per fraction below 1.
       seed: seed of the subsamples.
       resampler: a ``TwoSampleResampler`` of (x, y) to reuse (its Gram pieces).
+      share: processes splitting the subsamples, as in ``resampled_intervals``.
 
     Returns:
       A :class:`FIDInfinity`.
@@ -560,17 +582,21 @@ def fid_infinity(
     if fractions.ndim != 1 or np.any((fractions <= 0) | (fractions > 1)):
         raise ValueError(f"fractions must lie in (0, 1], got {fractions.tolist()}")
     rng = np.random.default_rng(seed)
-    sizes, fids = [], []
+    sizes, tasks, done = [], [], {}
     for f in fractions:
         nx, ny = max(2, round(f * rs.n)), max(2, round(f * rs.m))
-        vals = []
         for _ in range(1 if (nx, ny) == (rs.n, rs.m) else draws):
             w, v = np.zeros(rs.n), np.zeros(rs.m)
             w[rng.choice(rs.n, nx, replace=False)] = 1.0
             v[rng.choice(rs.m, ny, replace=False)] = 1.0
-            vals.append(rs.fid(w, v))
+            if share is None or share.owns(len(tasks)):
+                done[len(tasks)] = rs.fid(w, v)
+            tasks.append(len(sizes))
         sizes.append(min(nx, ny))
-        fids.append(float(np.mean(vals)))
+    if share is not None:
+        done = share.gather(done)
+    fids = [float(np.mean([done[t] for t, k in enumerate(tasks) if k == i]))
+            for i in range(len(sizes))]
     if len(set(sizes)) < 2:
         raise ValueError(f"fractions {fractions.tolist()} give fewer than two distinct sizes")
     slope, intercept = np.polyfit(1.0 / np.asarray(sizes, np.float64), fids, 1)
