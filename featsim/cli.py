@@ -188,6 +188,8 @@ def _pretrain_command(args) -> int:
         recompute_batch_stats=not args.no_recompute_bn)
     result = pretrain(config, args.out, args.data, weights=args.weights, resume=args.resume,
                       progress=not args.no_progress, data_dir=args.data_dir)
+    if not _is_main():
+        return 0  # process 0 wrote the files and reports
     history = RunDir(args.out).read_history()
     print(f"{config.backbone} autoencoder ({config.init} init, layer {result['layer']} "
           f"{tuple(result['code_shape'])}, {result['n_train']} images at "
@@ -525,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", default=None, help="tensorflow-datasets folder (tfds:)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--out", required=True, type=Path, help="output folder")
+    add_distributed_options(t)
     t.set_defaults(func=_train_command)
 
     pt = sub.add_parser(
@@ -565,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     pt.add_argument("--data-dir", default=None, help="tensorflow-datasets folder (tfds:)")
     pt.add_argument("--no-progress", action="store_true")
+    add_distributed_options(pt)
     pt.set_defaults(func=_pretrain_command)
 
     b = sub.add_parser("backbones", help="list registered backbones, preprocessing, weights",
@@ -684,6 +688,8 @@ def _join_processes(args) -> None:
     share = parallel.initialize(*flags.values())
     if not share.is_main:
         sys.stdout = open(os.devnull, "w")
+        if hasattr(args, "no_progress"):
+            args.no_progress = True
 
 
 def main(argv=None) -> int:

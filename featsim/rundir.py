@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -101,6 +102,19 @@ def model_metadata(config, num_classes: int | None, *, bn_stats: str | None = No
     return metadata
 
 
+def _writer(method):
+    """A RunDir method that writes: skipped (None, or the path it would write) when the
+    RunDir does not write."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.writes:
+            return method(self, *args, **kwargs)
+        return self.best_model_file if kwargs.get("best") else (
+            self.model_file if method.__name__ == "save_model" else None)
+
+    return call
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDir:
     """The paths and records of one run folder (nothing is read or created on construction).
@@ -114,6 +128,8 @@ class RunDir:
     """
 
     path: Path
+    #: False in processes 1.. of a distributed run: every write is skipped (process 0 writes).
+    writes: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
@@ -185,6 +201,7 @@ class RunDir:
         return self
 
     # Records --------------------------------------------------------------------------------
+    @_writer
     def write_config(self, config) -> None:
         """``config.json`` from a config's ``to_json()`` (TrainConfig, PretrainConfig)."""
         self.config_file.write_text(config.to_json() + "\n")
@@ -193,6 +210,7 @@ class RunDir:
         """``config.json`` as a dict (``TrainConfig.from_dict`` turns it back into a config)."""
         return _read_json(self.config_file, "the trainer writes the run's config there")
 
+    @_writer
     def write_history(self, rows: list[dict]) -> None:
         """``history.json`` and ``history.csv`` (one row per epoch, the union of the keys)."""
         _write_json(self.history_file, rows)
@@ -215,19 +233,23 @@ class RunDir:
         with open(self.history_csv_file, newline="") as f:
             return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
+    @_writer
     def write_metrics(self, metrics: Mapping) -> None:
         _write_json(self.metrics_file, dict(metrics))
 
     def read_metrics(self) -> dict:
         return _read_json(self.metrics_file, "written when the run finished")
 
+    @_writer
     def clear_metrics(self) -> None:
         """Removes ``metrics.json``: the run no longer counts as finished until it is rewritten."""
         self.metrics_file.unlink(missing_ok=True)
 
+    @_writer
     def write_summary(self, summary: Mapping) -> None:
         _write_json(self.summary_file, dict(summary))
 
+    @_writer
     def write_record(self, record: Mapping) -> None:
         """``analysis_run.json``: what an analysis script knows about the run (strict JSON)."""
         write_json(self.record_file, record)
@@ -261,6 +283,7 @@ class RunDir:
         return out
 
     # Models and checkpoints ----------------------------------------------------------------
+    @_writer
     def save_model(self, variables, metadata: Mapping[str, str], *, best: bool = False) -> Path:
         """``model.msgpack`` (or ``best_model.msgpack``) with ``metadata``
         (:func:`model_metadata` for a classifier)."""
@@ -279,6 +302,7 @@ class RunDir:
         """The trained backbone of ``model.msgpack`` (:func:`load_model`)."""
         return load_model(self.path, backbone=backbone)
 
+    @_writer
     def save_checkpoint(self, state, epoch: int, history: list[dict], best=None) -> None:
         """The host (unreplicated) train state after ``epoch`` epochs, the history so far and
         the best-epoch record (None when the run keeps none), written atomically."""

@@ -176,3 +176,52 @@ def test_cli_leaves_at_once_when_a_process_is_lost(monkeypatch, capsys):
         main(["distance"])
     assert exit_info.value.code == 3
     assert "error: lost contact with another process" in capsys.readouterr().err
+
+
+TRAIN_WORKER = str(ROOT / "tests" / "_distributed_train_worker.py")
+
+
+def test_two_process_training_killed_and_resumed_equals_one_process_two_devices(tmp_path):
+    """Process 1 dies after epoch 1's checkpoint; process 0 stops with an error; the rerun
+    with --resume finishes, and the result equals one process with two devices (which
+    itself equals an uninterrupted run: tests/train/test_loop.py)."""
+    (one,) = run_processes([[sys.executable, TRAIN_WORKER, "1", "0", "0", str(tmp_path / "one")]],
+                           tmp_path / "logs1",
+                           env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert one.returncode == 0, one.output[-3000:]
+
+    def two(*extra, env=None):
+        port = free_port()
+        return run_processes(
+            [[sys.executable, TRAIN_WORKER, "2", str(i), str(port), str(tmp_path / "two"),
+              *extra] for i in range(2)], tmp_path / f"logs2{''.join(extra)}",
+            env={"XLA_FLAGS": "", **(env or {})}, timeout=300)
+
+    killed = two(env={"FEATSIM_TEST_DIE": "1:1"})
+    assert killed[1].returncode == 17
+    assert killed[0].returncode != 0 and killed[0].seconds < 200, killed[0].output[-3000:]
+    history = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1]  # the checkpoint the rerun starts from
+    resumed = two("--resume")
+    assert [f.returncode for f in resumed] == [0, 0], resumed[0].output[-3000:]
+    expected = json.loads((tmp_path / "one" / "done0.json").read_text())
+    for i in range(2):
+        got = json.loads((tmp_path / "two" / f"done{i}.json").read_text())
+        for key, value in expected.items():
+            if key not in ("seconds", "devices"):
+                # psum over gloo adds the two devices' values as one process does: exact.
+                assert got[key] == value, (i, key)
+    rows = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("one", "two")]
+    for a, b in zip(*rows, strict=True):
+        assert {k: v for k, v in a.items() if "loss" in k} == \
+            {k: v for k, v in b.items() if "loss" in k}
+
+
+def test_rundir_that_does_not_write_writes_nothing(tmp_path):
+    from featsim.rundir import RunDir
+
+    run = RunDir(tmp_path / "run", writes=False).create()
+    run.write_metrics({"a": 1.0})
+    run.write_history([{"epoch": 1}])
+    assert run.save_model({"params": {}}, {}) == run.model_file
+    assert sorted(p.name for p in run.path.iterdir()) == []

@@ -121,23 +121,31 @@ class EpochOutputs:
     def fetch(self) -> tuple[dict, dict, np.ndarray]:
         """``(sums, collected, rows)`` on the host: the scalar outputs summed over the steps
         (float64, :class:`Sums`), and for every collected output its values of the real
-        (unmasked) examples this process computed, in the order of ``rows`` (indices into the
-        epoch's data: step by step, device by device, as the global batches)."""
+        (unmasked) examples, in the order of ``rows`` (indices into the epoch's data: step by
+        step, device by device, as the global batches). In a multi-process run every process
+        gets every process's values (one exchange per epoch), as one process with all the
+        devices would."""
         steps = jax.device_get(self.steps)
         sums = None
-        collected: dict = {}
-        rows = []
+        local = []  # per step: ({collected name: values}, rows) of this process's devices
         for out in steps:
             keep = np.asarray(out["mask"]).reshape(-1) > 0
             step_sums = Sums.from_outputs(out["outputs"])  # psum'd: device 0's value
             sums = step_sums if sums is None else sums.merge(step_sums)
+            values = {}
             for k in COLLECTED:
                 if k in out["outputs"]:
                     v = np.asarray(out["outputs"][k])
-                    collected.setdefault(k, []).append(v.reshape(-1, *v.shape[2:])[keep])
-            rows.append(np.asarray(out["rows"]).reshape(-1)[keep])
-        return ({k: float(v) for k, v in sums.values.items()},
-                {k: np.concatenate(v) for k, v in collected.items()}, np.concatenate(rows))
+                    values[k] = v.reshape(-1, *v.shape[2:])[keep]
+            local.append((values, np.asarray(out["rows"]).reshape(-1)[keep]))
+        share = parallel.process_share()
+        every = share.exchange(local) if share.count > 1 else [local]
+        # Step by step, process by process: the global device order within each batch.
+        ordered = [part[step] for step in range(len(local)) for part in every]
+        collected = {k: np.concatenate([values[k] for values, _ in ordered])
+                     for k in (ordered[0][0] if ordered else {})}
+        rows = np.concatenate([r for _, r in ordered]) if ordered else np.zeros(0, np.int64)
+        return {k: float(v) for k, v in sums.values.items()}, collected, rows
 
 
 def _plan(n: int, batch_size: int, ndev: int, *, pad_last_to_full: bool) -> list:

@@ -73,7 +73,7 @@ def train_linear_probe(config: TrainConfig, workdir, *, train, test, weights=Non
                        progress: bool = True, data_dir=None, cache_dir=None) -> dict:
     """:func:`~featsim.train.train_and_evaluate` for ``linear`` without augmentation."""
     started = time.perf_counter()
-    run = RunDir(workdir).create()
+    run = RunDir(workdir, writes=parallel.process_share().is_main).create()
     if config.val_fraction:
         raise ValueError("the cached-feature linear path has no validation split yet; use "
                          "val_fraction=0 or enable augmentation (end-to-end path)")

@@ -217,7 +217,7 @@ def train_and_evaluate(
         fast_linear: ``linear`` without augmentation trains the head on cached features
             (:mod:`featsim.train.linear_probe`); False runs the end-to-end loop instead.
     """
-    run = RunDir(workdir).create()
+    run = RunDir(workdir, writes=parallel.process_share().is_main).create()
     if config.uses_cached_features and fast_linear:
         return train_linear_probe(config, run.path, train=train, test=test, weights=weights,
                                   progress=progress, data_dir=data_dir)
@@ -305,6 +305,7 @@ class _SeedRun:
         self.state = parallel.replicate(state)
         self.history: list[dict] = []
         self.best = {"epoch": None, "val_loss": None}
+        self.best_variables = None
         self.start_epoch = 0
         if resume and run.checkpoint_file.exists():
             host_state, self.start_epoch, self.history, self.best = run.load_checkpoint(state)
@@ -359,7 +360,9 @@ class _SeedRun:
         if self.data.val is not None:
             if best["val_loss"] is None or row["val_loss"] < best["val_loss"]:
                 self.best = {"epoch": epoch + 1, "val_loss": row["val_loss"]}
-                run.save_model(_host_variables(eval_state), self.metadata, best=True)
+                # Kept in memory too: in a multi-process run only process 0 writes the file.
+                self.best_variables = _host_variables(eval_state)
+                run.save_model(self.best_variables, self.metadata, best=True)
             elif (config.early_stopping_patience is not None
                   and epoch + 1 - best["epoch"] >= config.early_stopping_patience):
                 stop = (f"early_stopping_patience={config.early_stopping_patience}: no "
@@ -380,8 +383,8 @@ class _SeedRun:
         chosen_epoch = history[-1]["epoch"]
         if config.early_stopping_patience is not None and self.best["epoch"] is not None:
             chosen_epoch = self.best["epoch"]  # saved with the statistics it was evaluated with
-            host, best_variables = parallel.fetch(state, replicated=True), run.load_variables(
-                best=True)
+            host = parallel.fetch(state, replicated=True)
+            best_variables = self.best_variables or run.load_variables(best=True)  # resumed
             final = parallel.replicate(host.replace(
                 params=best_variables["params"],
                 batch_stats=best_variables.get("batch_stats", host.batch_stats)))
@@ -468,7 +471,7 @@ def run_seeds(config: TrainConfig, seeds, workdir, *, together: bool = False,
         **kwargs: for :func:`train_and_evaluate` (``train``, ``test``, ``weights``,
             ``resume``, ``progress``, ``data_dir``, ``fast_linear``).
     """
-    root = RunDir(workdir)
+    root = RunDir(workdir, writes=parallel.process_share().is_main)
     seeds = [int(s) for s in seeds]
     configs = [dataclasses.replace(config, seed=s) for s in seeds]
     cached = config.uses_cached_features and kwargs.get("fast_linear", True)
@@ -478,7 +481,8 @@ def run_seeds(config: TrainConfig, seeds, workdir, *, together: bool = False,
     if together and not cached and len(seeds) > 1:
         data = _SharedData.load(config, kwargs["train"], kwargs["test"],
                                 kwargs.get("data_dir"))
-        seed_runs = [_SeedRun(c, RunDir(root.path / f"seed_{c.seed}").create(), data,
+        seed_runs = [_SeedRun(c, RunDir(root.path / f"seed_{c.seed}",
+                                            writes=root.writes).create(), data,
                               weights=kwargs.get("weights"), resume=kwargs.get("resume", False))
                      for c in configs]
         _train(seed_runs, data, progress=kwargs.get("progress", True))

@@ -300,7 +300,7 @@ def pretrain(
         KeyError: unknown backbone. ValueError: a bad layer, ``limit`` or image.
         FileNotFoundError: ``init="imagenet"`` without available weights.
     """
-    run = RunDir(workdir).create()
+    run = RunDir(workdir, writes=parallel.process_share().is_main).create()
     started = time.perf_counter()
     ndev = jax.device_count()
     batch_size = -(-config.batch_size // ndev) * ndev
