@@ -96,6 +96,9 @@ def test_shell_blocks_parse(path, capsys, tmp_path, monkeypatch):
                 continue
             if argv[:3] == ["python", "-m", "featsim.cli"]:
                 argv = ["featsim", *argv[3:]]
+            if argv[0] == "srun":  # a SLURM launch: srun [its options] featsim ...
+                argv = argv[next((i for i, a in enumerate(argv) if a == "featsim"),
+                                 len(argv) - 1):]
             if argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py"):
                 assert (ROOT / argv[1]).is_file(), f"{where}: no such script"
                 continue
