@@ -85,5 +85,12 @@ stats = StatOptions(n_bootstrap=70, kid_subset_size=5, kid_subsets=9, seed=3)
 report = similarity_report(x, y, stats=stats, progress=False, share=share)
 out["report"] = np.array(json.dumps(report.to_dict(), sort_keys=True))
 out["fid_infinity"] = np.array(metrics.fid_infinity(x, y, seed=2, share=share).value)
+# Streaming statistics: each process sees some rows (round robin), the merge sees them all;
+# a different summation order than one pass over all rows: compared to rounding ("close_").
+for name, a in (("x", x), ("y", y)):
+    own = np.asarray(list(share.tasks(len(a))))
+    stats = metrics.FeatureStats.from_features(a[own]).merge_across(share)
+    out[f"close_{name}_mean"], out[f"close_{name}_cov"] = stats.mean(), stats.cov()
+    out[f"{name}_count"] = np.array(stats.count)
 np.savez(work / f"out{count}_{index}.npz", **out)
 print(f"process {index} of {count}: done, {len(computed)} chunks computed")

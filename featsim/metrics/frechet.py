@@ -168,6 +168,25 @@ class FeatureStats:
         m = m_a + (n_b / n) * delta  # merged mean relative to self.shift
         return FeatureStats(n, n * m, scatter + n * np.outer(m, m), self.shift)
 
+    def merge_across(self, share) -> FeatureStats:
+        """Every process's statistics merged, in process order (a ``jax.distributed`` run
+        where each process saw some of the rows): the same result on every process.
+
+        Args:
+          share: ``featsim.parallel.process_share()``, or any object whose
+            ``exchange(stats)`` returns every process's ``stats`` in process order.
+
+        Example::
+
+            share = featsim.parallel.process_share()
+            local = FeatureStats.from_features(my_rows)        # this process's rows
+            mu, sigma = local.merge_across(share).mean(), ...  # of all rows
+        """
+        merged = FeatureStats.empty(self.dim)
+        for part in share.exchange(self):
+            merged = merged.merge(part)
+        return merged
+
     def mean(self) -> np.ndarray:
         """float64 ``[d]`` sample mean."""
         if self.count < 1:
