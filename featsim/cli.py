@@ -284,7 +284,7 @@ def _compare_command(args) -> int:
         print(f"skipped {skipped.name}: {skipped.reason}", file=sys.stderr)
     if args.json:
         _write_json(args.json, out)
-    if args.plot:
+    if args.plot and _is_main():
         print(f"wrote {plot_cka(first, args.plot)}")
     return 0
 

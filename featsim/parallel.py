@@ -290,10 +290,6 @@ class ProcessShare:
             merged.update(part)
         return dict(sorted(merged.items()))
 
-    def sum(self, value: float) -> float:
-        """The float64 sum of one number per process, added in process order."""
-        return float(sum(float(v) for v in self.exchange(float(value))))
-
     def exchange(self, obj) -> list:
         """``obj`` of every process, in process order (pickled; objects of this program)."""
         if self.count == 1:

@@ -1,6 +1,7 @@
-"""Suite-wide guards: tests never touch the network."""
+"""Suite-wide guards: tests never touch the network; compiled programs do not pile up."""
 
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,28 @@ def _no_network(monkeypatch):
         return real(url, *args, **kwargs)
 
     monkeypatch.setattr(urllib.request, "urlopen", guarded)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """After each test module, drop JAX's compiled programs and featsim's caches of them.
+
+    One pytest process runs hundreds of modules; their XLA executables (and the lru caches
+    of compiled forwards and training steps that keep them alive) otherwise accumulate for
+    the whole session. Later modules only recompile what they use."""
+    yield
+    if "jax" not in sys.modules:
+        return
+    import jax
+
+    jax.clear_caches()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("featsim") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            if callable(getattr(value, "cache_clear", None)) and getattr(
+                    value, "__module__", None) == name:
+                value.cache_clear()
 
 
 # The shared real-data folder sits beside the checkout (../shared/data); override with

@@ -21,6 +21,7 @@ Reference:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -173,6 +174,7 @@ def _global_sum(x, axis_name):
     return lax.psum(x, axis_name) if axis_name else x
 
 
+@functools.lru_cache(maxsize=8)  # one function per configuration: its programs compile once
 def make_pretrain_step(cfg: AutoencoderStepConfig):
     """``train_step(state, batch, key) -> (state, metrics)`` for a
     :class:`~featsim.train.TrainState` holding the autoencoder's variables.
@@ -210,6 +212,7 @@ def make_pretrain_step(cfg: AutoencoderStepConfig):
     return train_step
 
 
+@functools.lru_cache(maxsize=8)
 def make_reconstruction_eval_step(cfg: AutoencoderStepConfig):
     """``eval_step(state, batch) -> {"loss_sum", "count"}`` in inference mode."""
 

@@ -30,6 +30,7 @@ schedules are :mod:`featsim.train`'s; labels, when the source has any, are ignor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -201,6 +202,7 @@ def load_unlabelled(source: Source | str | os.PathLike, transform: Transform, *,
     return load_dataset(source, transform, dtype=dtype, data_dir=data_dir)
 
 
+@functools.lru_cache(maxsize=8)  # the same module object for the same configuration
 def build_autoencoder(config: PretrainConfig, *, bn_axis_name: str | None = None):
     """``(module, layer, image_size)``: the :class:`ConvAutoencoder` for ``config``.
 
@@ -321,9 +323,7 @@ def pretrain(
     init_key, data_key, step_key = jax.random.split(rng, 3)
     variables = initial_autoencoder_variables(config, module, size, init_key, weights)
     steps_per_epoch = math.ceil(len(data) / batch_size)
-    schedule = optim.schedule_for(config, steps_per_epoch)
-    tx = (optax.adamw(schedule, weight_decay=config.weight_decay) if config.weight_decay
-          else optax.adam(schedule))
+    tx = _optimizer(config, steps_per_epoch)
     state = TrainState.create(apply_fn=module.apply, params=variables["params"], tx=tx,
                               batch_stats=variables.get("batch_stats"))
     scale, offset = transform.affine()
@@ -376,9 +376,10 @@ def pretrain(
                 "layer": layer, "init": config.init, "config": config.to_json(),
                 "batch_stats": ("running averages of training" if bn_info is None else
                                 f"recomputed over {bn_info['images']} training images")}
-    save_variables(run.encoder_file, encoder_variables(variables), metadata=metadata)
-    save_variables(run.autoencoder_file, variables,
-                   metadata=dict(metadata, kind="autoencoder"))
+    if run.writes:  # process 0 of a multi-process run
+        save_variables(run.encoder_file, encoder_variables(variables), metadata=metadata)
+        save_variables(run.autoencoder_file, variables,
+                       metadata=dict(metadata, kind="autoencoder"))
     code_shape = feature_shapes(module.encoder, (1, size, size, 3))[layer][1:]
     result = {"train_loss": history[-1]["train_loss"], "epochs_run": len(history),
               "layer": layer, "code_shape": list(code_shape), "image_size": size,
@@ -391,6 +392,18 @@ def pretrain(
         result["val_loss"] = bn_info["val_loss"] if bn_info else history[-1]["val_loss"]
     run.write_metrics(result)
     return result
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(config: PretrainConfig, steps_per_epoch: int):
+    """Adam(W) on the configured schedule. One object per (configuration, steps): with the
+    module (``build_autoencoder``) and the step functions also cached, a second run of the
+    same configuration in one process (a resumed run, another seed's data) finds its
+    programs compiled (the train state's static fields, ``apply_fn`` and ``tx``, compare
+    equal)."""
+    schedule = optim.schedule_for(config, steps_per_epoch)
+    return (optax.adamw(schedule, weight_decay=config.weight_decay) if config.weight_decay
+            else optax.adam(schedule))
 
 
 def encoder_variables(variables) -> dict:
