@@ -196,9 +196,54 @@ def depthwise_table(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def distributed_table(results: Path = RESULTS) -> str:
+    """Extraction and statistics at 1, 2, 4 processes on one machine, D's memory per
+    process, real data 1 vs 2 processes (distributed.json)."""
+    d = _load("distributed", results)
+    p, mem = d["pipeline"], d["distance_memory"]
+    lines = ["| processes | extraction s | vs 1 | statistics s | vs 1 | peak RSS per process "
+             "MiB | equal to 1 process |", "|---|---|---|---|---|---|---|"]
+    for count, row in p["by_processes"].items():
+        lines.append(
+            f"| {count} | {row['extract_s']:.1f} | {row['extract_over_1_process']:.2f}x | "
+            f"{row['metrics_s']:.1f} | {row['metrics_over_1_process']:.2f}x | "
+            f"{max(row['peak_rss_mib']):.0f} | {'yes' if row['identical'] else 'NO'} |")
+    lines += [
+        "",
+        f"{p['images']} images at {p['image_size']} px through {p['backbone']} (random "
+        f"weights, no cache); statistics of `featsim distance` on {p['features'][0]:,} x "
+        f"{p['features'][1]} features per set with {p['bootstrap']} bootstrap resamples. "
+        f"{d['machine']['cpus']} CPU cores shared by all processes: the ratios are the "
+        "overhead of splitting, not a speed-up.",
+        "",
+        "| D at n = m = {:,}, d = {} | seconds | peak RSS per process MiB | equal |".format(
+            mem["n"], mem["d"]),
+        "|---|---|---|---|",
+    ]
+    for count, row in mem["by_processes"].items():
+        if not isinstance(row, dict) or "seconds" not in row:
+            continue
+        lines.append(f"| {count} process{'es' if count != '1' else ''} | "
+                     f"{row['seconds']:.0f} | "
+                     f"{', '.join(f'{v:.0f}' for v in row['peak_rss_mib_per_process'])} | "
+                     f"{'yes' if row['identical'] else 'NO'} |")
+    lines += ["", f"The two float32 feature sets take {mem['float32_features_mib']:.0f} MiB; "
+              "every process holds both (they are exchanged after extraction), so splitting "
+              "divides D's work, not its memory."]
+    real = d.get("real_data_distance")
+    if real:
+        lines += ["", f"`featsim distance` on real images ({real['source']}, {real['n'][0]} vs "
+                  f"{real['target']}, {real['n'][1]}): {real['seconds_1_process']:.0f} s in one "
+                  f"process, {real['seconds_2_process']:.0f} s in two; every JSON value "
+                  f"{'equal' if real['json_equal'] else 'NOT equal'} (D "
+                  f"{real['values']['distance']:.4f}, FID {real['values']['fid']:.2f})."]
+    return "\n".join(lines) + "\n"
+
+
 #: Region name -> function of the results folder returning the region's Markdown.
 TABLES = {"performance": performance_table, "coverage": coverage_table,
-          "training": training_table, "depthwise": depthwise_table}
+          "training": training_table, "depthwise": depthwise_table,
+          "distributed": distributed_table}
 
 
 def regenerate(text: str, results: Path = RESULTS) -> str:
