@@ -3,7 +3,8 @@
 ``python _distributed_train_worker.py COUNT INDEX PORT OUT [--resume]``: COUNT 1 runs alone
 (the test gives it two CPU devices); COUNT > 1 joins a jax.distributed run (one device per
 process). It trains a small registered CNN from scratch with augmentation and a validation split on
-brightness-separable images for 2 epochs and writes OUT/done{INDEX}.json with the result.
+brightness-separable images for 2 epochs, then pretrains it as an autoencoder for 2 epochs,
+and writes OUT/done{INDEX}.json with the results.
 FEATSIM_TEST_DIE="I:E" makes process I exit abruptly after epoch E's checkpoint.
 """
 
@@ -29,7 +30,12 @@ import numpy as np  # noqa: E402
 from featsim.backbones import Preprocessing, register_backbone  # noqa: E402
 from featsim.backbones import layers as backbone_layers  # noqa: E402
 from featsim.rundir import RunDir  # noqa: E402
-from featsim.train import TrainConfig, train_and_evaluate  # noqa: E402
+from featsim.train import (  # noqa: E402
+    PretrainConfig,
+    TrainConfig,
+    pretrain,
+    train_and_evaluate,
+)
 from featsim.train.datasets import Dataset  # noqa: E402
 
 
@@ -82,5 +88,9 @@ config = TrainConfig("tiny_test", strategy="scratch", epochs=2, batch_size=6,
                      learning_rate=1e-3, val_fraction=0.25, seed=0)
 result = train_and_evaluate(config, out, train=dataset(16, 0), test=dataset(10, 1),
                             progress=False, resume=resume)
+# Autoencoder pretraining on the same images, 2 epochs (Park et al.'s first stage).
+ae = pretrain(PretrainConfig("tiny_test", image_size=32, epochs=2, batch_size=4, seed=0),
+              out / "ae", dataset(16, 0), progress=False)
+result["ae_train_loss"] = ae["train_loss"]
 (out / f"done{index}.json").write_text(json.dumps(result, default=float))
 print(f"process {index} of {count}: trained")

@@ -211,6 +211,7 @@ def test_two_process_training_killed_and_resumed_equals_one_process_two_devices(
     expected = json.loads((tmp_path / "one" / "done0.json").read_text())
     for i in range(2):
         got = json.loads((tmp_path / "two" / f"done{i}.json").read_text())
+        assert got["ae_train_loss"] == expected["ae_train_loss"]  # pretraining too
         for key, value in expected.items():
             if key not in ("seconds", "devices"):
                 # psum over gloo adds the two devices' values as one process does: exact.
