@@ -261,7 +261,8 @@ class ProcessShare:
     to cost the same, go to different processes). :meth:`gather` gives every process the
     results of all tasks, so code that reduces them in task order gets the one-process
     numbers exactly. One process (the default :data:`LOCAL`) owns every task and gathers
-    nothing. Metrics take a share as a plain argument and never import this module.
+    nothing, and is the metrics' default ``share``, so they need no special case for one
+    process.
     """
 
     index: int = 0

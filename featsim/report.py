@@ -19,6 +19,7 @@ import scipy
 import featsim
 from featsim import metrics
 from featsim.metrics.options import DEFAULT_STATS, StatOptions
+from featsim.parallel import LOCAL
 
 __all__ = ["Interval", "SimilarityReport", "similarity_report"]
 
@@ -229,7 +230,7 @@ def similarity_report(
     *,
     stats: StatOptions = DEFAULT_STATS,
     progress: bool | None = None,
-    share=None,
+    share=LOCAL,
 ) -> SimilarityReport:
     """Computes every featsim metric between two feature sets.
 
@@ -261,7 +262,7 @@ def similarity_report(
         splitting the euclidean distance tiles, KID, the bootstrap resamples, the FID
         jackknife and FID_infinity; every process passes the same arrays and gets the
         one-process report exactly. The float64 Gram matrices of the intervals, FID and the
-        permutation test run whole on every process. None: all here.
+        permutation test run whole on every process. Default ``featsim.parallel.LOCAL``: all here.
 
     Returns:
       A ``SimilarityReport``.

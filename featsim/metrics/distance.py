@@ -52,6 +52,7 @@ from featsim.metrics._validation import (
     widest_float,
 )
 from featsim.metrics.options import METRICS
+from featsim.parallel import LOCAL
 
 __all__ = [
     "METRICS",
@@ -214,7 +215,7 @@ def _tile_shape(n: int, m: int, block: int) -> tuple[int, int]:
     return _balanced(n, block), _balanced(m, 16 * block)
 
 
-def _euclidean_sum_host(x, y, centre, *, block: int, same: bool, share=None):
+def _euclidean_sum_host(x, y, centre, *, block: int, same: bool, share=LOCAL):
     """Host loop over tiles: one jit-compiled GEMM per tile, then a jit-compiled epilogue.
 
     Keeping the GEMM a call of its own matters on CPU: XLA fuses a matmul with its elementwise
@@ -235,15 +236,14 @@ def _euclidean_sum_host(x, y, centre, *, block: int, same: bool, share=None):
             if same and j < i:
                 continue  # symmetric: the tile (j, i) holds the same pairs
             tile += 1
-            if share is not None and not share.owns(tile):
+            if not share.owns(tile):
                 continue
             g = _tile_gram_jit(xt[i], yt[j])
             parts[tile] = _tile_distance_sum_jit(g, xsq[i], ysq[j], xv[i], yv[j], i * bx,
                                                  j * by, upper=same)
     parts = dict(zip(parts, np.asarray(jax.device_get(list(parts.values())), np.float64)
                      .reshape(-1), strict=True))
-    if share is not None:
-        parts = share.gather(parts)
+    parts = share.gather(parts)
     total = float(np.sum(np.array([parts[t] for t in range(tile + 1)], np.float64)))
     return 2.0 * total if same else total
 
@@ -306,7 +306,7 @@ def _check_nonzero_rows(x, name: str) -> None:
         )
 
 
-def _pair_sum(x, y, *, metric: str, same: bool, block_size: int, share=None):
+def _pair_sum(x, y, *, metric: str, same: bool, block_size: int, share=LOCAL):
     """Sum of distances over the pairs (see kernels); x, y validated, host or traced."""
     traced = is_traced(x, y)
     with host_x64(not traced):
@@ -350,7 +350,7 @@ def _validated_pair(x, y, metric):
 
 
 def average_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK,
-                    share=None):
+                    share=LOCAL):
     """Gu & Lee's average feature distance D(F_C, F_M): the mean of d(x_i, y_j) over all pairs.
 
     D(X, Y) = 1/(n m) sum_i sum_j d(x_i, y_j), including every one of the n * m pairs (if ``y``
@@ -369,7 +369,7 @@ def average_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFA
         (``featsim.parallel.process_share()``; any object with ``owns(tile)`` and
         ``gather({tile: sum})``). Every process passes the same arrays; each computes its
         tiles and all return the same value, equal to the one-process value (the per-tile
-        sums are added in tile order). None: every tile here.
+        sums are added in tile order). Default ``featsim.parallel.LOCAL``: every tile here.
 
     Returns:
       A Python float (a 0-d JAX array inside ``jax.jit``).
@@ -395,7 +395,7 @@ def average_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFA
 
 
 def within_distance(x, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK,
-                    share=None):
+                    share=LOCAL):
     """The within-domain baseline: mean of d(x_i, x_j) over ordered pairs i != j.
 
     This is the U-statistic 1/(n(n-1)) sum_{i != j} d(x_i, x_j); it relates to the
@@ -453,7 +453,7 @@ class DistanceSummary:
         return dataclasses.asdict(self)
 
 
-def _energy_parts(x, y, metric, block_size, share=None):
+def _energy_parts(x, y, metric, block_size, share=LOCAL):
     n, m = x.shape[0], y.shape[0]
     sxy = _pair_sum(x, y, metric=metric, same=False, block_size=block_size, share=share)
     sxx = _pair_sum(x, x, metric=metric, same=True, block_size=block_size, share=share)
@@ -464,7 +464,7 @@ def _energy_parts(x, y, metric, block_size, share=None):
 
 
 def energy_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK,
-                   share=None):
+                   share=LOCAL):
     """Energy distance E(X, Y) = 2 D(X, Y) - D(X, X) - D(Y, Y) (Szekely & Rizzo 2013).
 
     All three terms are V-statistics (means over all pairs, self-pairs included), so E >= 0
@@ -496,7 +496,7 @@ def energy_distance(x, y, *, metric: str = "euclidean", block_size: int = _DEFAU
 
 
 def distance_summary(x, y, *, metric: str = "euclidean", block_size: int = _DEFAULT_BLOCK,
-                    share=None):
+                    share=LOCAL):
     """Computes D(X, Y), both within-set baselines, energy distance and scale-free ratios.
 
     Fine-tuning rescales features, so compare D across two backbones (or before/after

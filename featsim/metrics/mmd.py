@@ -74,6 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from featsim.metrics._validation import as_features, check_same_dim, is_traced, widest_float
+from featsim.parallel import LOCAL
 
 __all__ = ["KIDResult", "kid", "polynomial_mmd2"]
 
@@ -234,7 +235,7 @@ def polynomial_mmd2(x, y, *, degree: int = 3, gamma: float | None = None, coef0:
 
 
 def kid(x, y, *, subset_size: int = 1000, num_subsets: int = 100, seed: int = 0,
-        share=None) -> KIDResult:
+        share=LOCAL) -> KIDResult:
     """Kernel Inception Distance between two feature sets (Binkowski et al. 2018).
 
     For each of ``num_subsets`` subsets, draws ``subset_size`` rows of ``x`` and of ``y``
@@ -262,7 +263,7 @@ def kid(x, y, *, subset_size: int = 1000, num_subsets: int = 100, seed: int = 0,
         ``featsim.parallel.process_share()``, or any object with ``owns(task)`` and
         ``gather({task: value})``): each computes its kernel tiles or subset chunks, and
         the parts are combined in the one-process order, so every process returns the
-        one-process result exactly. None: all here.
+        one-process result exactly. Default ``featsim.parallel.LOCAL``: all here.
 
     Returns:
       A :class:`KIDResult` ``(mean, std, subset_size, num_subsets, mmd2)``: Python floats and a
@@ -391,7 +392,7 @@ def _host_kernel(a, b, params, unscale: float, *, same: bool) -> np.ndarray:
     return _int_power(t, degree)
 
 
-def _kid_host(x, y, ix, iy, degree, gamma, coef0, share=None) -> np.ndarray:
+def _kid_host(x, y, ix, iy, degree, gamma, coef0, share=LOCAL) -> np.ndarray:
     num_subsets, m = ix.shape
     strategy = _host_strategy(x.shape[0], y.shape[0], m, num_subsets, x.shape[1])
     xs, ys, unscale = _host_operands(x, y, _gram_dtype(degree))
@@ -401,13 +402,13 @@ def _kid_host(x, y, ix, iy, degree, gamma, coef0, share=None) -> np.ndarray:
     return _kid_host_subsets(xs, ys, ix, iy, params, unscale, share)
 
 
-def _kid_host_subsets(x, y, ix, iy, params, unscale, share=None) -> np.ndarray:
+def _kid_host_subsets(x, y, ix, iy, params, unscale, share=LOCAL) -> np.ndarray:
     """Gathers each subset and runs the kernel on it, a vectorised chunk of subsets at a time."""
     num_subsets, m = ix.shape
     chunk = _subsets_per_chunk(num_subsets, m, x.shape[1], x.dtype.itemsize)
     parts = {}
     for task, start in enumerate(range(0, num_subsets, chunk)):
-        if share is not None and not share.owns(task):
+        if not share.owns(task):
             continue
         stop = min(start + chunk, num_subsets)
         xs = x[ix[start:stop]]  # [chunk, m, d]
@@ -416,12 +417,11 @@ def _kid_host_subsets(x, y, ix, iy, params, unscale, share=None) -> np.ndarray:
         kyy = _offdiag_sum(np, _host_kernel(ys, ys, params, unscale, same=True))
         kxy = np.sum(_host_kernel(xs, ys, params, unscale, same=False), axis=(-2, -1))
         parts[task] = (kxx + kyy) / (m * (m - 1.0)) - 2.0 * kxy / (m * float(m))
-    if share is not None:
-        parts = share.gather(parts)
+    parts = share.gather(parts)
     return np.concatenate([parts[t] for t in sorted(parts)]).astype(np.float64)
 
 
-def _kid_host_gram(x, y, ix, iy, params, unscale, share=None) -> np.ndarray:
+def _kid_host_gram(x, y, ix, iy, params, unscale, share=LOCAL) -> np.ndarray:
     """All subsets at once from kernel tiles over all rows.
 
     With ``w`` the 0/1 indicator of a subset, sum_{i, j in S} K_ij = w^T K w, so for the
@@ -442,7 +442,7 @@ def _kid_host_gram(x, y, ix, iy, params, unscale, share=None) -> np.ndarray:
     return (sxx - dxx) / (m * (m - 1.0)) + (syy - dyy) / (m * (m - 1.0)) - 2.0 * sxy / (m * m)
 
 
-def _indicator_kernel_sums(a, b, wa, wb, params, unscale, *, same: bool, share=None):
+def _indicator_kernel_sums(a, b, wa, wb, params, unscale, *, same: bool, share=LOCAL):
     """Per subset k: sum_{i, j} wa[k, i] wb[k, j] K(a_i, b_j), and (``same``) the diagonal part.
 
     With a ``share``, each process computes its tiles and the tile parts of all processes
@@ -453,7 +453,7 @@ def _indicator_kernel_sums(a, b, wa, wb, params, unscale, *, same: bool, share=N
         wa_i = wa[:, i0 : i0 + t]
         for j0 in range(i0 if same else 0, b.shape[0], t):
             tile += 1
-            if share is not None and not share.owns(tile):
+            if not share.owns(tile):
                 continue
             on_diagonal = same and j0 == i0
             k = _host_kernel(a[i0 : i0 + t], b[j0 : j0 + t], params, unscale, same=on_diagonal)
@@ -462,8 +462,7 @@ def _indicator_kernel_sums(a, b, wa, wb, params, unscale, *, same: bool, share=N
                 parts[tile] = (part, wa_i @ np.diagonal(k))
             else:  # same: the mirrored tile (j, i) sums to the same value
                 parts[tile] = (2.0 * part if same else part, None)
-    if share is not None:
-        parts = share.gather(parts)
+    parts = share.gather(parts)
     total = np.zeros(wa.shape[0])
     diag = np.zeros(wa.shape[0])
     for t_ in range(tile + 1):

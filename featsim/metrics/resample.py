@@ -62,6 +62,7 @@ import scipy.spatial.distance
 import scipy.stats
 
 from featsim.metrics._validation import as_features, check_same_dim
+from featsim.parallel import LOCAL
 
 __all__ = [
     "INTERVAL_METHODS",
@@ -319,7 +320,7 @@ class TwoSampleResampler:
             trace_sqrt = np.sqrt(np.maximum(ev, 0.0)).sum()
         return float(mean_term + tr_x + tr_y - 2.0 * trace_sqrt)
 
-    def fid_jackknife(self, *, groups: int = 20, seed=0, progress=None, share=None):
+    def fid_jackknife(self, *, groups: int = 20, seed=0, progress=None, share=LOCAL):
         """Delete-a-group jackknife of FID: ``(fid_j, se, dof, n_evaluations)``.
 
         Each set is split into ``min(groups, rows)`` random groups of near-equal size; FID is
@@ -342,12 +343,11 @@ class TwoSampleResampler:
         tasks = [(side, k) for side, (_, g, _) in enumerate(parts) for k in range(g)]
         done = {}
         for task, (side, k) in enumerate(tasks):
-            if share is None or share.owns(task):
+            if share.owns(task):
                 keep = (parts[side][2] != k).astype(np.float64)
                 done[task] = self.fid(keep, full_y) if side == 0 else self.fid(full_x, keep)
             bar.update(1)
-        if share is not None:
-            done = share.gather(done)
+        done = share.gather(done)
         for side, (_size, g, _labels) in enumerate(parts):
             values = np.array([done[t] for t, (s, _) in enumerate(tasks) if s == side])
             bias += (g - 1) * (values.mean() - theta)
@@ -434,7 +434,7 @@ def resampled_intervals(
     seed=0,
     progress=None,
     resampler: TwoSampleResampler | None = None,
-    share=None,
+    share=LOCAL,
 ) -> dict[str, IntervalEstimate]:
     """Intervals for the population values of every two-set statistic of the report.
 
@@ -459,7 +459,7 @@ def resampled_intervals(
         (``featsim.parallel.process_share()``, or any object with ``owns(task)`` and
         ``gather({task: value})``). Every process draws the same counts from ``seed`` and
         evaluates its chunks of resamples and jackknife groups; all return the one-process
-        intervals exactly. None: all here.
+        intervals exactly. Default ``featsim.parallel.LOCAL``: all here.
 
     Returns:
       name -> :class:`IntervalEstimate` for ``PAIRWISE_STATISTICS`` and ``"fid"``.
@@ -493,7 +493,7 @@ def resampled_intervals(
     return out
 
 
-def _pairwise_intervals(rs, rng, n_resamples, confidence, methods, progress, share=None):
+def _pairwise_intervals(rs, rng, n_resamples, confidence, methods, progress, share=LOCAL):
     """method -> name -> IntervalEstimate for PAIRWISE_STATISTICS, one set of resamples."""
     full = rs.pairwise(np.ones(rs.n), np.ones(rs.m))
     done = {}
@@ -502,12 +502,11 @@ def _pairwise_intervals(rs, rng, n_resamples, confidence, methods, progress, sha
         r = min(_BATCH, n_resamples - start)
         # Every process draws every chunk's counts (the same stream), computes its own.
         w, v = _bootstrap_counts(rng, rs.n, r), _bootstrap_counts(rng, rs.m, r)
-        if share is None or share.owns(task):
+        if share.owns(task):
             done[task] = rs.pairwise(w, v)
         bar.update(r)
     bar.close()
-    if share is not None:
-        done = share.gather(done)
+    done = share.gather(done)
     chunks = [done[t] for t in sorted(done)]
     jack = rs.pairwise_jackknife() if "BCa" in methods else {}
     out = {method: {} for method in methods}
@@ -529,7 +528,7 @@ def _pairwise_intervals(rs, rng, n_resamples, confidence, methods, progress, sha
     return out
 
 
-def _fid_interval(rs, confidence, groups, seed, progress, share=None):
+def _fid_interval(rs, confidence, groups, seed, progress, share=LOCAL):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         fid_j, se, dof, evals = rs.fid_jackknife(groups=groups, seed=seed, progress=progress,
@@ -547,7 +546,7 @@ def fid_infinity(
     draws: int = 2,
     seed=0,
     resampler: TwoSampleResampler | None = None,
-    share=None,
+    share=LOCAL,
 ) -> FIDInfinity:
     """FID_infinity (Chong & Forsyth 2020): FID extrapolated to infinitely many samples.
 
@@ -589,12 +588,11 @@ def fid_infinity(
             w, v = np.zeros(rs.n), np.zeros(rs.m)
             w[rng.choice(rs.n, nx, replace=False)] = 1.0
             v[rng.choice(rs.m, ny, replace=False)] = 1.0
-            if share is None or share.owns(len(tasks)):
+            if share.owns(len(tasks)):
                 done[len(tasks)] = rs.fid(w, v)
             tasks.append(len(sizes))
         sizes.append(min(nx, ny))
-    if share is not None:
-        done = share.gather(done)
+    done = share.gather(done)
     fids = [float(np.mean([done[t] for t, k in enumerate(tasks) if k == i]))
             for i in range(len(sizes))]
     if len(set(sizes)) < 2:
