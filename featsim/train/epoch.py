@@ -161,6 +161,13 @@ def _plan(n: int, batch_size: int, ndev: int, *, pad_last_to_full: bool) -> list
     return plan
 
 
+@functools.cache
+def _dummy_key():
+    """``jax.random.key(0)``, made once per process: the key of unshuffled epochs and of
+    steps that take none."""
+    return jax.random.key(0)
+
+
 @functools.lru_cache(maxsize=16)  # a few runs' programs; steps are made per run
 def _order_program(n: int, shuffle: bool, stacked: bool):
     """``(order_key) -> order [devices, (seeds,) n]``: the epoch's permutation on every
@@ -206,15 +213,20 @@ def _epoch(step: Callable, state, data: DeviceData, batch_size: int, order_key, 
     if stacked and not shuffle:
         raise ValueError("stacked runs need one order_key per seed")
     order_program, local = _order_program(data.n, shuffle, stacked)
-    dummy = jax.random.key(0)
-    order = order_program(order_key if shuffle else dummy, np.zeros(local, np.int32))
+    # Explicit transfers, once per epoch: the steps then move nothing between host and
+    # device (the loop runs under jax.transfer_guard("disallow"); tests/train/test_epoch.py).
+    dummy = _dummy_key()
+    order = order_program(order_key if shuffle else dummy,
+                          jax.device_put(np.zeros(local, np.int32)))
     step_key = dummy if step_key is None else step_key
+    plan = _plan(data.n, batch_size, ndev, pad_last_to_full=pad_last_to_full)
+    scalars = jax.device_put([(np.int32(start), np.int32(i))
+                              for i, (start, _, _) in enumerate(plan)])
     outputs = []
-    for i, (start, size, real) in enumerate(_plan(data.n, batch_size, ndev,
-                                                  pad_last_to_full=pad_last_to_full)):
+    for (_, size, real), (start, i) in zip(plan, scalars, strict=True):
         # Dispatched asynchronously: the host queues the steps and fetches nothing.
         state, out = _step_program(step, size, real, stacked)(
-            state, data.arrays, order, np.int32(start), step_key, np.int32(i))
+            state, data.arrays, order, start, step_key, i)
         outputs.append(out)
     return state, EpochOutputs(outputs)
 

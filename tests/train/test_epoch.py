@@ -110,6 +110,30 @@ def test_the_host_queues_an_epoch_without_waiting_for_the_device():
     np.testing.assert_allclose(parallel.fetch(state[1], replicated=True), x.sum())
 
 
+def test_an_epoch_runs_under_jax_transfer_guard_disallow():
+    """The epoch loop (shuffling, step keys, batch cutting, the steps) makes no implicit
+    transfer between host and device: it runs under ``jax.transfer_guard("disallow")``.
+
+    On XLA:CPU, JAX guards only host-to-device transfers (device memory is host memory, so
+    reads are not guarded: checked here, a read inside the guard passes); on GPU and TPU the
+    same guard also refuses any device-to-host read. The CPU side of "no read per step" is
+    test_the_host_queues_an_epoch_without_waiting_for_the_device."""
+    x = np.arange(23, dtype=np.float32)
+    data = DeviceData.put({"x": x})
+    start = parallel.replicate(jnp.zeros((), jnp.float32))
+    run_epoch(_counting_step, start, data, 4, order_key=jax.random.key(0),
+              step_key=jax.random.key(1))[1].fetch()  # compile outside the guard
+    order_key, step_key = jax.random.key(2), jax.random.key(3)
+    with jax.transfer_guard("disallow"):
+        state, outputs = run_epoch(_counting_step, start, data, 4, order_key=order_key,
+                                   step_key=step_key)
+        with pytest.raises(Exception, match="Disallowed host-to-device"):  # the guard is live
+            jnp.asarray(np.ones(3, np.float32)) + 1
+    sums, _, rows = outputs.fetch()
+    assert sums["count"] == 23 and sorted(rows) == list(range(23))
+    np.testing.assert_allclose(parallel.fetch(state, replicated=True), x.sum())
+
+
 def test_sums_merge_by_key_and_refuse_other_keys():
     a = Sums.from_outputs({"loss_sum": 1.5, "count": 2.0, "probs": np.ones(3)})
     b = Sums.from_outputs({"loss_sum": 0.5, "count": 3.0})

