@@ -4,7 +4,6 @@ the plain loss, labels.csv regression targets (and their errors), the step's los
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -12,7 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +19,7 @@ from flax import traverse_util
 from PIL import Image
 
 from featsim import parallel
-from featsim.backbones import get_backbone, list_backbones, register_backbone
-from featsim.backbones.preprocessing import Preprocessing
+from featsim.backbones import get_backbone
 from featsim.data.sources import open_source
 from featsim.data.transforms import Transform
 from featsim.train import TrainConfig, strategies, train_and_evaluate
@@ -36,30 +33,7 @@ from featsim.train.losses import (
     weighted_softmax_ce,
 )
 from featsim.train.steps import make_eval_step
-
-TINY = "_test_multitask_tiny_cnn"
-
-
-class TinyCNN(nn.Module):
-    num_classes: int | None = None
-    bn_axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        feats = {}
-        feats["stem"] = x = nn.relu(nn.Conv(8, (3, 3), strides=2, name="stem_conv")(x))
-        x = nn.Conv(8, (3, 3), strides=2, name="conv1")(x)
-        x = nn.BatchNorm(use_running_average=not train, axis_name=self.bn_axis_name,
-                         name="bn1")(x)
-        feats["stage1"] = x = nn.relu(x)
-        feats["pre_logits"] = x = x.mean(axis=(1, 2))
-        logits = nn.Dense(self.num_classes, name="fc")(x) if self.num_classes else None
-        return logits, feats
-
-
-if TINY not in list_backbones():
-    register_backbone(TINY, preprocessing=Preprocessing(input_size=32, resize_size=32))(
-        functools.partial(TinyCNN))
+from tests._tiny import TINY
 
 
 def tiny_dataset(n, num_classes=3, seed=0, size=32) -> Dataset:
@@ -344,6 +318,7 @@ def test_two_devices_equal_one_device():
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).parents[2])!r})  # tests._tiny
         import jax, numpy as np
         assert jax.local_device_count() == 2
         from featsim import parallel
