@@ -2,10 +2,13 @@
 
 The training benchmark (benchmarks/training.py) finds featsim's EfficientNet-Lite0 step slower
 than PyTorch's while its forward pass is as fast; this script locates the difference. For
-three of EfficientNet-Lite0's depthwise layers at batch 16 (224 px input), it times
-``DepthwiseConv`` (shifted multiply-adds, jit) and PyTorch's grouped ``conv2d``
-(channels_last): the forward pass, and the forward pass plus the gradients with respect to
-the input and the kernel of ``sum(y ** 2)``. Best of 4 calls after one warm-up.
+every depthwise layer of EfficientNet-Lite0 at batch 16 (224 px input; the 16 layers have
+12 distinct shapes, each timed once and counted as often as it occurs), it times
+``DepthwiseConv`` (shifted multiply-adds, jit, hand-written gradient) and PyTorch's grouped
+``conv2d`` (channels_last): the forward pass, and the forward pass plus the gradients with
+respect to the input and the kernel of ``sum(y ** 2)``. Best of 4 calls after one warm-up.
+``network`` sums the layers (count x time): the share of the training step's difference
+that the depthwise layers explain.
 
 Usage:
   python benchmarks/depthwise.py [--out benchmarks/results/depthwise.json]   # needs [torch]
@@ -21,7 +24,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = [(16, 112, 32, 3, 1), (16, 56, 144, 5, 1), (16, 112, 96, 3, 2)]  # n, size, c, k, s
+# (input size, channels, kernel, stride, how many such layers): EfficientNet-Lite0's
+# depthwise layers in network order (featsim.backbones.efficientnet; 224 px input).
+LAYERS = [(112, 32, 3, 1, 1), (112, 96, 3, 2, 1), (56, 144, 3, 1, 1), (56, 144, 5, 2, 1),
+          (28, 240, 5, 1, 1), (28, 240, 3, 2, 1), (14, 480, 3, 1, 2), (14, 480, 5, 1, 1),
+          (14, 672, 5, 1, 2), (14, 672, 5, 2, 1), (7, 1152, 5, 1, 3), (7, 1152, 3, 1, 1)]
+BATCH = 16
+TIMES = ("featsim_forward_ms", "featsim_forward_backward_ms", "torch_forward_ms",
+         "torch_forward_backward_ms")
 
 
 def _best(fn, rounds: int = 4) -> float:
@@ -76,11 +86,13 @@ def main(argv=None) -> dict:
                         default=ROOT / "benchmarks" / "results" / "depthwise.json")
     args = parser.parse_args(argv)
     rows = []
-    for layer in LAYERS:
-        rows.append(_layer(*layer))
+    for size, c, k, s, count in LAYERS:
+        rows.append({**_layer(BATCH, size, c, k, s), "count": count})
         print(json.dumps(rows[-1]), flush=True)
+    network = {key: sum(row["count"] * row[key] for row in rows) for key in TIMES}
+    network["layers"] = sum(row["count"] for row in rows)
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "layers": rows}
+              "layers": rows, "network": network}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

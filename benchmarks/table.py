@@ -181,18 +181,22 @@ def training_table(results: Path = RESULTS) -> str:
 
 
 def depthwise_table(results: Path = RESULTS) -> str:
-    """One depthwise layer, forward and forward + backward, featsim vs PyTorch
-    (depthwise.json)."""
+    """EfficientNet-Lite0's depthwise layers, forward and forward + backward, featsim vs
+    PyTorch, and their sum over the network (depthwise.json)."""
     d = _load("depthwise", results)
-    lines = ["| depthwise layer (batch 16) | featsim fwd | featsim fwd+bwd | PyTorch fwd | "
-             "PyTorch fwd+bwd |", "|---|---|---|---|---|"]
+    lines = ["| depthwise layer (batch 16) | in the network | featsim fwd | featsim fwd+bwd | "
+             "PyTorch fwd | PyTorch fwd+bwd |", "|---|---|---|---|---|---|"]
+
+    def times(row):
+        return (f"{row['featsim_forward_ms']:.1f} ms | {row['featsim_forward_backward_ms']:.1f} ms"
+                f" | {row['torch_forward_ms']:.1f} ms | {row['torch_forward_backward_ms']:.1f} ms")
+
     for row in d["layers"]:
         _, size, _, c = row["shape"]
-        lines.append(
-            f"| {size} x {size} x {c}, {row['kernel']} x {row['kernel']}, stride "
-            f"{row['stride']} | {row['featsim_forward_ms']:.1f} ms | "
-            f"{row['featsim_forward_backward_ms']:.0f} ms | {row['torch_forward_ms']:.1f} ms | "
-            f"{row['torch_forward_backward_ms']:.0f} ms |")
+        lines.append(f"| {size} x {size} x {c}, {row['kernel']} x {row['kernel']}, stride "
+                     f"{row['stride']} | x {row.get('count', 1)} | {times(row)} |")
+    if "network" in d:
+        lines.append(f"| all, summed | {d['network']['layers']} layers | {times(d['network'])} |")
     return "\n".join(lines) + "\n"
 
 
