@@ -21,12 +21,13 @@ Measured (2 cores, batch 16, forward + both gradients, ``benchmarks/depthwise.py
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["depthwise_conv"]
+__all__ = ["depthwise_conv", "output_size"]
 
 #: Bytes of padded input per slice of the batch in the CPU kernel gradient (about an L2 cache
 #: and a half on the machines measured; larger slices spill, smaller ones pay loop overhead).
@@ -36,7 +37,8 @@ Strides = tuple[int, int]
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _out_size(size: int, before: int, after: int, k: int, s: int) -> int:
+def output_size(size: int, before: int, after: int, k: int, s: int) -> int:
+    """Output positions along one axis: ``(size + before + after - k) // s + 1``."""
     return (size + before + after - k) // s + 1
 
 
@@ -73,7 +75,7 @@ def _kernel_grad_sliced(xp, dy, kh: int, kw: int, strides: Strides):
     """:func:`_kernel_grad` summed over slices of the batch of about :data:`CPU_SLICE_BYTES`
     (the largest divisor of the batch that fits; whole when it all fits)."""
     n = dy.shape[0]
-    per_image = xp[0].size * 4
+    per_image = math.prod(xp.shape[1:]) * xp.dtype.itemsize
     fits = [d for d in range(1, n + 1) if n % d == 0 and d * per_image <= CPU_SLICE_BYTES]
     size = max(fits, default=1)
     if size == n:
@@ -107,8 +109,8 @@ def depthwise_conv(x, kernel, strides: Strides, padding: Padding):
     (top, bottom), (left, right) = padding
     _, h, w, _ = x.shape
     kh, kw, _ = kernel.shape
-    oh = _out_size(h, top, bottom, kh, strides[0])
-    ow = _out_size(w, left, right, kw, strides[1])
+    oh = output_size(h, top, bottom, kh, strides[0])
+    ow = output_size(w, left, right, kw, strides[1])
     xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     return _shifted_sum(xp, kernel, oh, ow, strides)
 

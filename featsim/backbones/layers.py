@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from featsim.backbones.depthwise import depthwise_conv
+from featsim.backbones.depthwise import depthwise_conv, output_size
 
 __all__ = [
     "BatchNorm",
@@ -425,9 +425,7 @@ class DepthwiseConv(nn.Module):
         _, h, w, c = x.shape
         kernel = self.param("kernel", self.kernel_init, (kh, kw, 1, c), self.param_dtype)
         (top, bottom), (left, right) = self.padding
-        oh = (h + top + bottom - kh) // sh + 1
-        ow = (w + left + right - kw) // sw + 1
-        if oh < 1 or ow < 1:
+        if output_size(h, top, bottom, kh, sh) < 1 or output_size(w, left, right, kw, sw) < 1:
             raise ValueError(
                 f"input of spatial size {(h, w)} is too small for kernel {self.kernel_size} "
                 f"with padding {self.padding}"
